@@ -1,0 +1,1 @@
+"""One module per Ray Serve deployment of the graph: ingress -> preprocess -> vlm."""

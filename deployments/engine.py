@@ -1,0 +1,324 @@
+"""The generation engine the VLMServer drives: a transformers image-text-to-text model, batched.
+
+A batch of requests runs through one `model.generate()` call with left padding. Two hooks make each
+row behave as if it ran alone:
+- `_RowSampler` (a logits processor) samples every row with that request's own temperature, top_p
+  and seeded generator, and hands `generate` a one-hot choice, so greedy rows stay exactly greedy;
+- `_RowStepper` (a stopping criterion, which `generate` calls once per step with the new tokens)
+  detokenizes each row, applies its stop sequences, max_tokens and cancellation, and emits the
+  new text at once, so a row that finishes leaves the batch's output immediately.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from serve_app.checkpoints import ensure_checkpoint
+from serve_app.errors import ContextLengthError, InvalidRequestError
+from serve_app.settings import ModelSettings
+from serve_app.stage_types import GenerationChunk, GenerationRequest, SamplingParams
+
+logger = logging.getLogger("ray.serve")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PreparedRequest:
+    """A request rendered and tokenized for the model, with its limits resolved."""
+
+    input_ids: list[int]
+    mm_token_type_ids: list[int] | None
+    pixel_values: torch.Tensor | None
+    image_grid_thw: list[tuple[int, int, int]]
+    sampling: SamplingParams
+    max_tokens: int
+    # Set by the server when the client goes away; the engine drops the row at its next step.
+    cancelled: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+# Emits one step's new chunks, one entry per row (None: nothing new for that row this step).
+StepCallback = Callable[[list[GenerationChunk | None]], None]
+
+
+class Engine:
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        source = ensure_checkpoint(settings)
+        self.device = torch.device(
+            settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        dtype = _DTYPES.get(settings.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.processor = AutoProcessor.from_pretrained(source)
+        self.tokenizer = self.processor.tokenizer
+        self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(self.device).eval()
+        self.image_token: str = self.processor.image_token
+        self.eos_token_ids: set[int] = self._eos_ids()
+        self.pad_token_id: int = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_token_ids)
+        )
+        quant = getattr(self.model.config, "quantization_config", None)
+        self.quantization = "none" if quant is None else _describe_quantization(quant)
+        logger.info("Loaded %s on %s (%s, quantization=%s)", source, self.device, dtype, self.quantization)
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return set(ids)
+
+    # ---- preparing one request ---------------------------------------------------------------
+
+    def render_prompt(self, request: GenerationRequest) -> str:
+        """The conversation as the model's chat template writes it, one image token per image."""
+        messages = [m.as_template_message() for m in request.messages]
+        if self.settings.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.settings.system_prompt}]})
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False
+        )
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        prompt = self.render_prompt(request)
+        pieces = prompt.split(self.image_token)
+        if len(pieces) - 1 != len(request.images):
+            raise InvalidRequestError(
+                f"The prompt has {len(pieces) - 1} image placeholders for {len(request.images)} images."
+            )
+        # Each image placeholder becomes as many image tokens as its patch grid yields after merging.
+        grids = [image.grid_thw for image in request.images]
+        expanded = pieces[0]
+        for index, piece in enumerate(pieces[1:]):
+            expanded += self.processor.replace_image_token({"image_grid_thw": torch.tensor(grids)}, index) + piece
+        input_ids: list[int] = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+
+        limit = self.settings.max_model_len
+        room = limit - len(input_ids)
+        asked = request.sampling.max_tokens
+        if room < 1 or (asked is not None and asked > room):
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(input_ids) + (asked or 1)} tokens ({len(input_ids)} in the messages, "
+                f"{asked or 1} in the completion). Please reduce the length of the messages or completion.",
+                param="messages",
+            )
+        max_tokens = asked if asked is not None else min(self.settings.default_max_tokens, room)
+
+        make_types = getattr(self.processor, "create_mm_token_type_ids", None)
+        return PreparedRequest(
+            input_ids=input_ids,
+            mm_token_type_ids=make_types([input_ids])[0] if make_types else None,
+            pixel_values=torch.cat([i.pixel_values for i in request.images]) if request.images else None,
+            image_grid_thw=grids,
+            sampling=request.sampling,
+            max_tokens=max_tokens,
+        )
+
+    # ---- running a batch ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_batch(self, batch: list[PreparedRequest], on_step: StepCallback) -> None:
+        """Run `batch` to completion, calling `on_step` with each step's new text (blocking)."""
+        inputs = self._collate(batch)
+        rows = [_RowState(request, _Detokenizer(self.tokenizer, request.sampling.stop)) for request in batch]
+        self.model.generate(
+            **inputs,
+            generation_config=GenerationConfig(
+                max_new_tokens=max(r.max_tokens for r in batch),
+                do_sample=False,  # _RowSampler already chose; argmax over its one-hot picks that
+                eos_token_id=None,  # end-of-sequence is decided per row by _RowStepper
+                pad_token_id=self.pad_token_id,
+            ),
+            logits_processor=LogitsProcessorList([_RowSampler(rows, self.eos_token_ids, self.device)]),
+            stopping_criteria=StoppingCriteriaList([_RowStepper(rows, self.eos_token_ids, on_step)]),
+        )
+        # generate() may stop at its own max_new_tokens before a row hit its stop condition.
+        finals: list[GenerationChunk | None] = [row.finish("length") for row in rows]
+        if any(finals):
+            on_step(finals)
+
+    def _collate(self, batch: list[PreparedRequest]) -> dict[str, torch.Tensor]:
+        width = max(r.prompt_tokens for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        mm_types = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = r.prompt_tokens
+            input_ids[i, width - n:] = torch.tensor(r.input_ids)
+            attention_mask[i, width - n:] = 1
+            if r.mm_token_type_ids is not None:
+                mm_types[i, width - n:] = torch.tensor(r.mm_token_type_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if any(r.mm_token_type_ids is not None for r in batch):
+            inputs["mm_token_type_ids"] = mm_types
+        pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels).to(self.model.dtype)
+            inputs["image_grid_thw"] = torch.tensor([g for r in batch for g in r.image_grid_thw])
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+
+def _describe_quantization(config: object) -> str:
+    as_dict = config if isinstance(config, dict) else getattr(config, "to_dict", lambda: {})()
+    method = as_dict.get("quant_method", "unknown")
+    bits = as_dict.get("bits")
+    return f"{method}-{bits}bit" if bits else str(method)
+
+
+class _Detokenizer:
+    """Turns a growing token list into text deltas, holding back what a stop sequence might claim."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the text already emitted
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """The text that is now safe to emit, and whether a stop sequence was met."""
+        self.tokens.append(token)
+        text = self._tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in self._stop:
+            at = text.find(stop, max(0, self.sent - len(stop)))
+            if at != -1:
+                return self._take(text[:at]), True
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return "", False
+        return self._take(text[: len(text) - self._held_back(text)]), False
+
+    def flush(self) -> str:
+        text = self._tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd")
+        return self._take(text)
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of `text` that begins some stop sequence."""
+        longest = 0
+        for stop in self._stop:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _take(self, text: str) -> str:
+        delta = text[self.sent:] if len(text) > self.sent else ""
+        self.sent = max(self.sent, len(text))
+        return delta
+
+
+@dataclass
+class _RowState:
+    request: PreparedRequest
+    detokenizer: _Detokenizer
+    generator: torch.Generator | None = None
+    done: bool = False
+    generated: int = 0
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> GenerationChunk:
+        return GenerationChunk(
+            text=text,
+            prompt_tokens=self.request.prompt_tokens,
+            completion_tokens=self.generated,
+            finish_reason=finish_reason,  # type: ignore[arg-type]
+        )
+
+    def finish(self, reason: str) -> GenerationChunk | None:
+        if self.done:
+            return None
+        self.done = True
+        return self.chunk(self.detokenizer.flush(), reason)
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples each row with its own parameters; returns scores whose argmax is the sampled token."""
+
+    def __init__(self, rows: list[_RowState], eos_ids: set[int], device: torch.device) -> None:
+        self._rows = rows
+        self._eos = torch.tensor(sorted(eos_ids), device=device)
+        for row in rows:
+            params = row.request.sampling
+            if not params.greedy:
+                row.generator = torch.Generator(device=device)
+                if params.seed is not None:
+                    row.generator.manual_seed(params.seed)
+                else:
+                    row.generator.seed()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        for i, row in enumerate(self._rows):
+            params = row.request.sampling
+            logits = scores[i]
+            if params.ignore_eos or row.generated < params.min_tokens:
+                logits = logits.index_fill(0, self._eos, float("-inf"))
+            if row.done or params.greedy:
+                chosen[i] = logits.argmax()
+            else:
+                chosen[i] = _sample(logits, params.temperature, params.top_p, row.generator)
+        one_hot = torch.full_like(scores, float("-inf"))
+        one_hot.scatter_(1, chosen[:, None], 0.0)
+        return one_hot
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        return order[torch.multinomial(sorted_probs, 1, generator=generator)][0]
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+class _RowStepper(StoppingCriteria):
+    """Called by generate() after every step: emits each row's new text and decides who is done."""
+
+    def __init__(self, rows: list[_RowState], eos_ids: set[int], on_step: StepCallback) -> None:
+        self._rows = rows
+        self._eos = eos_ids
+        self._on_step = on_step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        new_tokens = input_ids[:, -1].tolist()
+        chunks: list[GenerationChunk | None] = []
+        for row, token in zip(self._rows, new_tokens):
+            chunks.append(None if row.done else self._advance(row, token))
+        if any(chunks):
+            self._on_step(chunks)
+        return torch.tensor([row.done for row in self._rows], device=input_ids.device)
+
+    def _advance(self, row: _RowState, token: int) -> GenerationChunk | None:
+        if row.request.cancelled:
+            row.done = True
+            return None
+        if token in self._eos and not row.request.sampling.ignore_eos:
+            return row.finish("stop")
+        row.generated += 1
+        text, stopped = row.detokenizer.add(token)
+        if stopped:
+            row.done = True
+            return row.chunk(text, "stop")
+        if row.generated >= row.request.max_tokens:
+            row.done = True
+            return row.chunk(text + row.detokenizer.flush(), "length")
+        return row.chunk(text) if text else None

@@ -1,0 +1,99 @@
+"""VLMServer: the vision encoder and language model, batching concurrent requests.
+
+Concurrent `generate` calls are gathered by `@serve.batch` into one engine batch; every request gets
+its own stream back through `handle.options(stream=True)`, fed step by step while the batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ray import serve
+
+from deployments.engine import Engine, PreparedRequest
+from serve_app.settings import BatchSettings, ModelSettings
+from serve_app.stage_types import GenerationChunk, GenerationRequest
+
+logger = logging.getLogger("ray.serve")
+
+_BATCH_DONE = object()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    aliases: list[str]
+    quantization: str
+    max_model_len: int
+    device: str
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,  # at least max_batch_size, or batches never fill
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+)
+class VLMServer:
+    def __init__(self, model_settings: ModelSettings, batching: BatchSettings | None = None) -> None:
+        self._engine = Engine(model_settings)
+        # One thread: the model runs one batch at a time, off the event loop that feeds the streams.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.reconfigure((batching or BatchSettings()).model_dump())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batching knobs arrive as `user_config`, so they change without restarting the replica."""
+        settings = BatchSettings.model_validate(user_config)
+        self._generate_batch.set_max_batch_size(settings.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        logger.info("Batching: max_batch_size=%d wait=%.3fs", settings.max_batch_size, settings.batch_wait_timeout_s)
+
+    async def model_info(self) -> ModelInfo:
+        s = self._engine.settings
+        return ModelInfo(s.id, list(s.aliases), self._engine.quantization, s.max_model_len, str(self._engine.device))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one request's text; errors in the request surface before its first chunk."""
+        prepared = await asyncio.to_thread(self._engine.prepare, request)
+        try:
+            async for chunk in self._generate_batch(prepared):
+                if chunk is None:
+                    continue
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            # Reached on completion, on an error and when the client goes away (cancellation or an
+            # abandoned stream): the engine drops the row at its next step either way.
+            prepared.cancelled = True
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, batch: list[PreparedRequest]):
+        """Yields, per engine step, one entry per request: a chunk, None (nothing new) or StopIteration."""
+        logger.info("Running a batch: batch_size=%d", len(batch))
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+
+        def on_step(chunks: list[GenerationChunk | None]) -> None:
+            loop.call_soon_threadsafe(steps.put_nowait, chunks)
+
+        run = loop.run_in_executor(self._executor, self._engine.generate_batch, batch, on_step)
+        run.add_done_callback(lambda _: steps.put_nowait(_BATCH_DONE))
+        finished = [False] * len(batch)
+        while (step := await steps.get()) is not _BATCH_DONE:
+            out: list = []
+            for i, chunk in enumerate(step):
+                if finished[i]:
+                    out.append(StopIteration)
+                else:
+                    out.append(chunk)
+                    finished[i] = chunk is not None and chunk.finish_reason is not None
+            yield out
+        await run  # re-raises an engine failure to every request of the batch
+
+    async def check_health(self) -> None:
+        if self._executor._shutdown:  # noqa: SLF001 - no public flag exists
+            raise RuntimeError("the engine executor has shut down")

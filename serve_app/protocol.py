@@ -1,0 +1,187 @@
+"""OpenAI's chat-completions wire shapes, named as OpenAI names them.
+
+Unknown request fields are ignored (as vLLM does), so clients that send newer OpenAI parameters
+keep working. Extensions beyond OpenAI are few and documented on their field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- request ---------------------------------------------------------------------------------
+
+
+class ImageURL(_Request):
+    url: str = Field(min_length=1, description="An http(s) URL or a data:image/...;base64, URL.")
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ChatCompletionContentPartText(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionContentPartImage(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[
+    ChatCompletionContentPartText | ChatCompletionContentPartImage, Field(discriminator="type")
+]
+
+
+class ChatCompletionSystemMessage(_Request):
+    role: Literal["system", "developer"]
+    content: str | list[ChatCompletionContentPartText]
+    name: str | None = None
+
+
+class ChatCompletionUserMessage(_Request):
+    role: Literal["user"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class ChatCompletionAssistantMessage(_Request):
+    role: Literal["assistant"]
+    content: str | list[ChatCompletionContentPartText] | None = None
+    name: str | None = None
+
+
+ChatCompletionMessageParam = Annotated[
+    ChatCompletionSystemMessage | ChatCompletionUserMessage | ChatCompletionAssistantMessage,
+    Field(discriminator="role"),
+]
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Request):
+    model: str
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer max_tokens.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    # Extensions (vLLM's names): force a fixed completion length so benchmarks are comparable.
+    min_tokens: int = Field(0, ge=0, description="Extension: generate at least this many tokens.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _usage_needs_stream(self) -> "ChatCompletionRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return list(self.stop or [])
+
+
+# ---- response --------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(default_factory=completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class ChoiceDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChoiceDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # Extension: how the weights are stored ("none", "gptq-4bit", ...), so clients can tell.
+    quantization: str = "none"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

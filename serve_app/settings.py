@@ -1,0 +1,113 @@
+"""Every setting of the application, validated once from `serve_config.yaml`'s `args`.
+
+Ray Serve validates the config's `args` into `AppArgs` (the builder is typed), and each deployment
+receives only the part it needs. Nothing else in the project reads the environment or keeps
+globals: this module is the single source of configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Relative paths in configs resolve against the project root, so `serve run` works from there and
+# `serve deploy` (whose working directory is the Ray worker's) finds the same files.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageSettings(_Settings):
+    """Limits and fetch policy of the ImagePreprocessor."""
+
+    max_image_bytes: int = Field(5 * 1024 * 1024, gt=0, description="Largest encoded image accepted.")
+    max_decoded_pixels: int = Field(
+        40_000_000, gt=0, description="Images with more pixels are refused before decoding (bombs)."
+    )
+    max_side: int = Field(1024, ge=28, description="Images are shrunk to fit max_side x max_side.")
+    max_aspect_ratio: float = Field(200.0, ge=1.0, description="GLM's processor refuses above 200.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
+    max_redirects: int = Field(3, ge=0)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts, IP addresses or CIDR networks that may be fetched even though they are "
+        "loopback, private, link-local or reserved (e.g. ['127.0.0.1'] in tests).",
+    )
+
+
+class BatchSettings(_Settings):
+    """Dynamic batching knobs of the VLMServer; sent as `user_config` so they change live."""
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
+
+
+class ModelSettings(_Settings):
+    """What to serve: one YAML file in `configs/models/` per model."""
+
+    id: str = Field(description="The name clients pass as `model` and `/v1/models` lists.")
+    aliases: list[str] = Field(default_factory=list, description="Other accepted names.")
+    path: str = Field(description="Local checkpoint directory or a hub id.")
+    make_demo_if_missing: bool = Field(
+        False, description="Build the embedded demo checkpoint at `path` when it does not exist."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
+    max_model_len: int = Field(4096, ge=16, description="Prompt plus completion tokens, at most.")
+    default_max_tokens: int = Field(256, ge=1)
+    owned_by: str = "vlm-serve"
+    system_prompt: str | None = Field(None, description="Prepended when a request has no system turn.")
+
+    @property
+    def names(self) -> list[str]:
+        return [self.id, *self.aliases]
+
+    def checkpoint_dir(self) -> Path | None:
+        """The local directory of the checkpoint, or None when `path` is a hub id."""
+        local = resolve_path(self.path)
+        if local.exists() or self.make_demo_if_missing:
+            return local
+        return None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelSettings":
+        with open(resolve_path(path), encoding="utf-8") as f:
+            return cls.model_validate(yaml.safe_load(f))
+
+
+class IngressSettings(_Settings):
+    """HTTP-facing limits of the Ingress."""
+
+    max_tokens_ceiling: int = Field(4096, ge=1, description="Largest max_tokens a client may ask.")
+    max_messages: int = Field(128, ge=1)
+    max_images_per_request: int = Field(8, ge=0)
+
+
+class AppArgs(_Settings):
+    """The `args` of `serve_config.yaml`: everything the application builder needs."""
+
+    model: str = Field("configs/models/demo.yaml", description="Path of the model's YAML config.")
+    images: ImageSettings = ImageSettings()
+    batching: BatchSettings = BatchSettings()
+    ingress: IngressSettings = IngressSettings()
+
+    @field_validator("model")
+    @classmethod
+    def _model_config_exists(cls, value: str) -> str:
+        if not resolve_path(value).is_file():
+            raise ValueError(f"model config {value!r} not found")
+        return value
+
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings.from_yaml(self.model)

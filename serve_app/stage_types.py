@@ -1,0 +1,89 @@
+"""The typed objects the deployments hand each other through Ray handles.
+
+Dataclasses rather than pydantic models: they carry tensors, never touch the wire, and Ray pickles
+them as they are.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One `image_url` part of a request, and where it sits in it (for error messages)."""
+
+    url: str
+    param: str
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """Model-ready tensors for one image, made on a CPU replica."""
+
+    pixel_values: torch.Tensor  # (patches, channels * temporal * patch * patch), float32
+    grid_thw: tuple[int, int, int]  # patch grid (time, height, width) before the 2x2 merge
+    width: int  # size after decoding and resizing, before the model's processor
+    height: int
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """Where an image goes in the conversation; the tensors travel in GenerationRequest.images."""
+
+    type: Literal["image"] = "image"
+
+
+@dataclass(frozen=True)
+class PromptMessage:
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[TextPart | ImagePart, ...]
+
+    def as_template_message(self) -> dict:
+        """The shape chat templates expect: {"role", "content": [{"type": "text"|"image", ...}]}."""
+        content = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.parts]
+        return {"role": self.role, "content": content}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None  # None: as many as the context window and the model's default allow
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[PromptMessage]
+    images: list[PreprocessedImage]
+    sampling: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """New text of one request since its last chunk; the last chunk carries finish_reason."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"] | None = None
