@@ -310,6 +310,7 @@ class _RowStepper(StoppingCriteria):
     def _advance(self, row: _RowState, token: int) -> GenerationChunk | None:
         if row.request.cancelled:
             row.done = True
+            logger.info("Dropped a cancelled request from its batch after %d tokens", row.generated)
             return None
         if token in self._eos and not row.request.sampling.ignore_eos:
             return row.finish("stop")

@@ -23,7 +23,11 @@ def decode_image(data: bytes, settings: ImageSettings, param: str | None = None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=sorted(ACCEPTED_FORMATS))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"The image has more pixels than the limit of {settings.max_decoded_pixels}.", param, code="image_too_large"
+        ) from None
+    except UnidentifiedImageError:
         raise ImageError("The data is not a supported image (PNG, JPEG, WebP, GIF or BMP).", param) from None
     except Exception as exc:  # Pillow raises many types for malformed headers
         raise ImageError(f"The image could not be read: {exc}.", param) from None

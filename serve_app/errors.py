@@ -45,6 +45,9 @@ class APIError(Exception):
         self.param = param
         self.code = code or self.default_code
 
+    def __str__(self) -> str:
+        return self.message
+
     def body(self) -> ErrorResponse:
         return ErrorResponse(
             error=ErrorBody(message=self.message, type=self.error_type, param=self.param, code=self.code)
@@ -137,22 +140,26 @@ def error_response(error: APIError, extra_headers: dict[str, str] | None = None)
     )
 
 
-# Pydantic reports where a value failed as a path with union tags in it ("user", "str",
-# "list[...]"); OpenAI names the field as `messages[0].content[1].image_url.url`.
-_UNION_TAGS = {"str", "system", "developer", "user", "assistant", "tool", "text", "image_url", "function"}
+# Pydantic reports where a value failed as a path with union members in it: a discriminated
+# union's tag right after a list index ("user", "image_url") and a plain union's member type
+# ("str", "list[...]"). OpenAI names the field as `messages[0].content[1].image_url.url`.
+_DISCRIMINATOR_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "image_url"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict"}
 
 
 def param_from_loc(loc: tuple[Any, ...]) -> str | None:
     parts: list[str] = []
+    previous: Any = None
     for item in loc:
-        if item == "body":
-            continue
+        is_tag = isinstance(item, str) and (
+            item in _TYPE_TAGS or "[" in item or "(" in item
+            or (isinstance(previous, int) and item in _DISCRIMINATOR_TAGS)
+        )
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(item, str) and (item in _UNION_TAGS or "[" in item or "(" in item):
-            continue
-        else:
+        elif item != "body" and not is_tag:
             parts.append(("." if parts else "") + str(item))
+        previous = item
     return "".join(parts) or None
 
 
@@ -160,12 +167,13 @@ def validation_error(errors: list[ErrorDetails] | list[dict[str, Any]]) -> Inval
     """The first schema error of a request, as OpenAI words it."""
     if not errors:
         return InvalidRequestError("Invalid request body.")
-    first = errors[0]
-    if first.get("type") == "json_invalid":
+    if any(e.get("type") == "json_invalid" for e in errors):
         return InvalidRequestError(
             "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload.",
             code="invalid_json",
         )
+    # Of a union's alternatives, the error that got furthest into the value says the most.
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     param = param_from_loc(tuple(first.get("loc", ())))
     message = str(first.get("msg", "Invalid value"))
     where = f" at '{param}'" if param else ""
