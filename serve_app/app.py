@@ -11,6 +11,7 @@ from ray.serve import Application
 
 from deployments.ingress import Ingress
 from deployments.preprocess import ImagePreprocessor
+from deployments.ratelimit import RateLimiter
 from deployments.vlm import VLMServer
 from serve_app.settings import AppArgs
 
@@ -21,4 +22,9 @@ def build_app(args: AppArgs) -> Application:
     model = args.model_settings()
     preprocessor = ImagePreprocessor.bind(args.images, model)
     vlm = VLMServer.options(user_config=args.batching.model_dump()).bind(model)
-    return Ingress.bind(args.ingress, model, preprocessor, vlm)
+    limits = args.ingress.rate_limits
+    # The shared budget store only exists when there is a budget to keep.
+    limiter = None
+    if limits.requests_per_minute or limits.tokens_per_minute:
+        limiter = RateLimiter.bind(limits)
+    return Ingress.bind(args.ingress, model, preprocessor, vlm, limiter)

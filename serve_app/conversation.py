@@ -69,3 +69,25 @@ def sampling_params(request: ChatCompletionRequest, limits: IngressSettings) -> 
         min_tokens=request.min_tokens,
         ignore_eos=request.ignore_eos,
     )
+
+
+# A rough upper estimate used only to reserve a token budget before the prompt is tokenized;
+# the reservation is settled with the real usage when the answer is done.
+_CHARS_PER_TOKEN = 3
+_TOKENS_PER_IMAGE = 256
+
+
+def estimate_tokens(request: ChatCompletionRequest, default_max_tokens: int) -> int:
+    chars = 0
+    images = 0
+    for message in request.messages:
+        if isinstance(message.content, str):
+            chars += len(message.content)
+        elif message.content:
+            for part in message.content:
+                if isinstance(part, ChatCompletionContentPartImage):
+                    images += 1
+                else:
+                    chars += len(part.text)
+    completion = request.requested_max_tokens or default_max_tokens
+    return chars // _CHARS_PER_TOKEN + images * _TOKENS_PER_IMAGE + completion

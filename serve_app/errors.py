@@ -7,6 +7,7 @@ the ingress turns them into OpenAI's error body `{"error": {"message", "type", "
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import Request
@@ -44,6 +45,8 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        # Set where the error is answered (e.g. rate-limit headers); not carried across handles.
+        self.extra_headers: dict[str, str] = {}
 
     def __str__(self) -> str:
         return self.message
@@ -54,7 +57,7 @@ class APIError(Exception):
         )
 
     def headers(self) -> dict[str, str]:
-        return {}
+        return dict(getattr(self, "extra_headers", {}))
 
 
 class InvalidRequestError(APIError):
@@ -107,7 +110,8 @@ class RetryableError(APIError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        # Retry-After counts whole seconds; round up so a client that obeys it is admitted.
+        return {**super().headers(), "Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class RateLimitError(RetryableError):

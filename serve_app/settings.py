@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 # Relative paths in configs resolve against the project root, so `serve run` works from there and
 # `serve deploy` (whose working directory is the Ray worker's) finds the same files.
@@ -86,9 +86,41 @@ class ModelSettings(_Settings):
             return cls.model_validate(yaml.safe_load(f))
 
 
-class IngressSettings(_Settings):
-    """HTTP-facing limits of the Ingress."""
+class ApiKey(_Settings):
+    """One configured key: `key` in the clear or its `sha256` hex digest, with an owner's name."""
 
+    name: str = "default"
+    key: SecretStr | None = None
+    sha256: str | None = None
+
+
+class RateLimitSettings(_Settings):
+    """Per API key (per client address when the service is open), over a sliding minute."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+
+class CorsSettings(_Settings):
+    allow_origins: list[str] = ["*"]
+    allow_methods: list[str] = ["*"]
+    allow_headers: list[str] = ["*"]
+    allow_credentials: bool = False
+    max_age_s: int = 600
+
+
+class IngressSettings(_Settings):
+    """HTTP-facing policy of the Ingress: keys, rate limits, CORS and request limits."""
+
+    api_keys: list[ApiKey | str] = Field(
+        default_factory=list,
+        description="Keys as 'KEY', 'NAME:KEY', 'sha256:HEX', 'NAME:sha256:HEX' or {name, key|sha256}.",
+    )
+    api_keys_file: str | None = Field(None, description="A file with one key per line, same forms.")
+    api_keys_env: str | None = Field(None, description="An environment variable with comma-separated keys.")
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    cors: CorsSettings = CorsSettings()
+    max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
     max_tokens_ceiling: int = Field(4096, ge=1, description="Largest max_tokens a client may ask.")
     max_messages: int = Field(128, ge=1)
     max_images_per_request: int = Field(8, ge=0)

@@ -87,3 +87,23 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"] | None = None
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """One budget as the `x-ratelimit-*` headers report it."""
+
+    limit: int
+    remaining: int
+    reset_s: float  # until the whole budget is free again
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """The RateLimiter's answer to one request."""
+
+    admitted: bool
+    reservation: int | None
+    retry_after_s: float
+    requests: LimitState | None
+    tokens: LimitState | None
