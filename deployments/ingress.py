@@ -68,7 +68,7 @@ class Ingress:
         self._rate_limiter = rate_limiter
         self._created = int(time.time())
         self._model_info: ModelInfo | None = None
-        self._auth = Authenticator(load_keys(settings))
+        self._auth = Authenticator(load_keys(settings), settings.rate_limits)
         if self._auth.open:
             logger.warning("No API keys are configured: /v1 is OPEN to anyone who can reach this server.")
         else:
@@ -174,9 +174,9 @@ class Ingress:
         return completion
 
     async def _admit(self, principal: Principal, tokens: int) -> RateDecision | None:
-        if self._rate_limiter is None:
+        if self._rate_limiter is None or not principal.limits.enabled:
             return None
-        decision: RateDecision = await self._rate_limiter.admit.remote(principal.name, tokens)
+        decision: RateDecision = await self._rate_limiter.admit.remote(principal.name, tokens, principal.limits)
         if not decision.admitted:
             error = RateLimitError(
                 f"Rate limit reached for {principal.name.split(':', 1)[0]} requests. "

@@ -62,15 +62,15 @@ class _Window:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class RateLimiter:
-    def __init__(self, settings: RateLimitSettings) -> None:
-        self._settings = settings
+    def __init__(self) -> None:
         self._requests: dict[str, _Window] = {}
         self._tokens: dict[str, _Window] = {}
         self._ids = itertools.count(1)
 
-    def admit(self, client: str, tokens: int) -> RateDecision:
+    def admit(self, client: str, tokens: int, limits: RateLimitSettings) -> RateDecision:
+        """Admit and reserve, or refuse with the wait until the request would fit."""
         now = time.monotonic()
-        rpm, tpm = self._settings.requests_per_minute, self._settings.tokens_per_minute
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         requests = self._window(self._requests, client, now)
         token_window = self._window(self._tokens, client, now)
         wait = 0.0

@@ -22,9 +22,6 @@ def build_app(args: AppArgs) -> Application:
     model = args.model_settings()
     preprocessor = ImagePreprocessor.bind(args.images, model)
     vlm = VLMServer.options(user_config=args.batching.model_dump()).bind(model)
-    limits = args.ingress.rate_limits
     # The shared budget store only exists when there is a budget to keep.
-    limiter = None
-    if limits.requests_per_minute or limits.tokens_per_minute:
-        limiter = RateLimiter.bind(limits)
+    limiter = RateLimiter.bind() if args.ingress.rate_limited else None
     return Ingress.bind(args.ingress, model, preprocessor, vlm, limiter)

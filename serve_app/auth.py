@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydantic import SecretStr
 
 from serve_app.errors import AuthenticationError
-from serve_app.settings import ApiKey, IngressSettings, resolve_path
+from serve_app.settings import ApiKey, IngressSettings, RateLimitSettings, resolve_path
 
 
 def _digest(key: str) -> bytes:
@@ -64,11 +64,20 @@ class Principal:
 
     name: str
     authenticated: bool
+    limits: RateLimitSettings = RateLimitSettings()
 
 
 class Authenticator:
-    def __init__(self, keys: list[ApiKey]) -> None:
+    def __init__(self, keys: list[ApiKey], limits: RateLimitSettings) -> None:
         self._keys = [(k.name, key_digest(k)) for k in keys]
+        self._defaults = limits
+        self._limits = {
+            k.name: RateLimitSettings(
+                requests_per_minute=k.requests_per_minute or limits.requests_per_minute,
+                tokens_per_minute=k.tokens_per_minute or limits.tokens_per_minute,
+            )
+            for k in keys
+        }
 
     @property
     def key_count(self) -> int:
@@ -80,7 +89,7 @@ class Authenticator:
 
     def authenticate(self, authorization: str | None, client_address: str) -> Principal:
         if self.open:
-            return Principal(name=f"ip:{client_address}", authenticated=False)
+            return Principal(name=f"ip:{client_address}", authenticated=False, limits=self._defaults)
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise AuthenticationError(
@@ -93,4 +102,4 @@ class Authenticator:
                 match = name
         if match is None:
             raise AuthenticationError("Incorrect API key provided.")
-        return Principal(name=f"key:{match}", authenticated=True)
+        return Principal(name=f"key:{match}", authenticated=True, limits=self._limits[match])

@@ -92,6 +92,8 @@ class ApiKey(_Settings):
     name: str = "default"
     key: SecretStr | None = None
     sha256: str | None = None
+    requests_per_minute: int | None = Field(None, ge=1, description="Overrides rate_limits for this key.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Overrides rate_limits for this key.")
 
 
 class RateLimitSettings(_Settings):
@@ -99,6 +101,10 @@ class RateLimitSettings(_Settings):
 
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
 
 
 class CorsSettings(_Settings):
@@ -124,6 +130,12 @@ class IngressSettings(_Settings):
     max_tokens_ceiling: int = Field(4096, ge=1, description="Largest max_tokens a client may ask.")
     max_messages: int = Field(128, ge=1)
     max_images_per_request: int = Field(8, ge=0)
+
+    @property
+    def rate_limited(self) -> bool:
+        """Whether any budget is configured, for everyone or for some key."""
+        keyed = (k for k in self.api_keys if isinstance(k, ApiKey))
+        return self.rate_limits.enabled or any(k.requests_per_minute or k.tokens_per_minute for k in keyed)
 
 
 class AppArgs(_Settings):

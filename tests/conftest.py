@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -10,7 +11,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.serving import ServeProcess, free_port, start_server, test_config
+from tests.serving import ServeProcess, free_port, start_server, config_for_tests
 
 MODEL = "glm-4v-flash-web"  # the seed article's name, an alias of the demo model
 
@@ -28,7 +29,7 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """The default application (serve_config.yaml) on a free port, shared by the session."""
-    process = start_server(tmp_path_factory.mktemp("serve"), test_config(free_port()))
+    process = start_server(tmp_path_factory.mktemp("serve"), config_for_tests(free_port()))
     yield process
     process.stop()
 
@@ -41,13 +42,16 @@ def client(server: ServeProcess) -> OpenAI:
 class ImageServer:
     """A loopback HTTP server with images and misbehaving endpoints, for fetch tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.redirects: dict[str, str] = {}
+        self.slow: dict[str, float] = {}  # path -> seconds to wait before answering
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path in outer.slow:
+                    time.sleep(outer.slow[self.path])
                 if self.path in outer.redirects:
                     self.send_response(302)
                     self.send_header("Location", outer.redirects[self.path])
@@ -66,12 +70,14 @@ class ImageServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = host
+        self._httpd = ThreadingHTTPServer((host, 0), Handler)
+        self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
+        return f"http://{self.host}:{self._httpd.server_address[1]}{path}"
 
     def close(self) -> None:
         self._httpd.shutdown()

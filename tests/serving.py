@@ -29,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_config(port: int, overrides: dict[str, Any] | None = None, deployments: dict[str, dict] | None = None) -> dict:
+def config_for_tests(port: int, overrides: dict[str, Any] | None = None, deployments: dict[str, dict] | None = None) -> dict:
     """serve_config.yaml with the port changed, loopback images allowed and `overrides` merged into args."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
@@ -72,7 +72,13 @@ class ServeProcess:
             self.process.wait(timeout=10)
 
 
-def start_server(workdir: Path, config: dict, ready_timeout: float = 240.0, env: dict[str, str] | None = None) -> ServeProcess:
+def start_server(
+    workdir: Path,
+    config: dict,
+    ready_timeout: float = 240.0,
+    env: dict[str, str] | None = None,
+    ready_check_headers: dict[str, str] | None = None,
+) -> ServeProcess:
     config_path = workdir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / "serve.log"
@@ -82,7 +88,8 @@ def start_server(workdir: Path, config: dict, ready_timeout: float = 240.0, env:
         cwd=ROOT,
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1", **(env or {})},
+        # RAY_DEDUP_LOGS=0: tests read replica log lines, which Ray would otherwise fold together.
+        env={**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1", **(env or {})},
         start_new_session=True,  # its own process group, so stop() reaches every child
     )
     server = ServeProcess(process, port, log_path)
@@ -91,7 +98,8 @@ def start_server(workdir: Path, config: dict, ready_timeout: float = 240.0, env:
         if process.poll() is not None:
             raise RuntimeError(f"serve run exited with {process.returncode}:\n{server.log()[-5000:]}")
         try:
-            if httpx.get(f"{server.base_url}/v1/models", timeout=5).status_code == 200:
+            ready = httpx.get(f"{server.base_url}/v1/models", headers=ready_check_headers, timeout=5)
+            if ready.status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
