@@ -56,3 +56,14 @@ def test_fetch_example_in_node(server, tmp_path: Path) -> None:
     script.write_text(on_server(block("javascript", "fetch("), server.base_url))
     out = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "prompt_tokens" in out
+
+
+def test_protection_example_is_a_valid_config() -> None:
+    import yaml
+
+    from serve_app.settings import ImageSettings, IngressSettings
+
+    example = yaml.safe_load(block("yaml", "api_keys_file"))
+    ingress = IngressSettings.model_validate(example["ingress"])
+    assert ingress.rate_limited and ingress.rate_limits.requests_per_minute == 60
+    ImageSettings.model_validate(example["images"])
