@@ -12,6 +12,7 @@ row behave as if it ran alone:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class PreparedRequest:
     image_grid_thw: list[tuple[int, int, int]]
     sampling: SamplingParams
     max_tokens: int
+    image_tokens: int = 0
     # Set by the server when the client goes away; the engine drops the row at its next step.
     cancelled: bool = False
 
@@ -74,6 +76,9 @@ class Engine:
         self.pad_token_id: int = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_token_ids)
         )
+        # Read by the replica's health check: a batch in progress must keep making steps.
+        self.busy = False
+        self.last_step_at = time.monotonic()
         quant = getattr(self.model.config, "quantization_config", None)
         self.quantization = "none" if quant is None else _describe_quantization(quant)
         logger.info("Loaded %s on %s (%s, quantization=%s)", source, self.device, dtype, self.quantization)
@@ -130,6 +135,7 @@ class Engine:
             image_grid_thw=grids,
             sampling=request.sampling,
             max_tokens=max_tokens,
+            image_tokens=sum(image.tokens for image in request.images),
         )
 
     # ---- running a batch ---------------------------------------------------------------------
@@ -139,6 +145,20 @@ class Engine:
         """Run `batch` to completion, calling `on_step` with each step's new text (blocking)."""
         inputs = self._collate(batch)
         rows = [_RowState(request, _Detokenizer(self.tokenizer, request.sampling.stop)) for request in batch]
+        self.busy, self.last_step_at = True, time.monotonic()
+        try:
+            self._generate(inputs, batch, rows, on_step)
+        finally:
+            self.busy = False
+        # generate() may stop at its own max_new_tokens before a row hit its stop condition.
+        finals: list[GenerationChunk | None] = [row.finish("length") for row in rows]
+        if any(finals):
+            on_step(finals)
+
+    def _generate(self, inputs: dict, batch: list[PreparedRequest], rows: list["_RowState"], on_step: StepCallback) -> None:
+        def heartbeat() -> None:
+            self.last_step_at = time.monotonic()
+
         self.model.generate(
             **inputs,
             generation_config=GenerationConfig(
@@ -148,12 +168,13 @@ class Engine:
                 pad_token_id=self.pad_token_id,
             ),
             logits_processor=LogitsProcessorList([_RowSampler(rows, self.eos_token_ids, self.device)]),
-            stopping_criteria=StoppingCriteriaList([_RowStepper(rows, self.eos_token_ids, on_step)]),
+            stopping_criteria=StoppingCriteriaList([_RowStepper(rows, self.eos_token_ids, on_step, heartbeat)]),
         )
-        # generate() may stop at its own max_new_tokens before a row hit its stop condition.
-        finals: list[GenerationChunk | None] = [row.finish("length") for row in rows]
-        if any(finals):
-            on_step(finals)
+
+    @torch.inference_mode()
+    def probe(self) -> None:
+        """One tiny forward pass: raises if the model can no longer run (e.g. a broken device)."""
+        self.model(input_ids=torch.tensor([[self.pad_token_id]], device=self.device))
 
     def _collate(self, batch: list[PreparedRequest]) -> dict[str, torch.Tensor]:
         width = max(r.prompt_tokens for r in batch)
@@ -238,6 +259,7 @@ class _RowState:
             prompt_tokens=self.request.prompt_tokens,
             completion_tokens=self.generated,
             finish_reason=finish_reason,  # type: ignore[arg-type]
+            image_tokens=self.request.image_tokens,
         )
 
     def finish(self, reason: str) -> GenerationChunk | None:
@@ -293,12 +315,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 class _RowStepper(StoppingCriteria):
     """Called by generate() after every step: emits each row's new text and decides who is done."""
 
-    def __init__(self, rows: list[_RowState], eos_ids: set[int], on_step: StepCallback) -> None:
+    def __init__(
+        self, rows: list[_RowState], eos_ids: set[int], on_step: StepCallback, heartbeat: Callable[[], None]
+    ) -> None:
         self._rows = rows
         self._eos = eos_ids
         self._on_step = on_step
+        self._heartbeat = heartbeat
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self._heartbeat()
         new_tokens = input_ids[:, -1].tolist()
         chunks: list[GenerationChunk | None] = []
         for row, token in zip(self._rows, new_tokens):

@@ -14,13 +14,24 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import StreamingResponse
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.vlm import ModelInfo
 from serve_app.auth import Authenticator, Principal, load_keys
 from serve_app.body_limit import BodySizeLimit
 from serve_app.conversation import estimate_tokens, sampling_params, split_request
-from serve_app.errors import APIError, ErrorResponse, ModelNotFoundError, RateLimitError, install_handlers, unwrap
+from serve_app.errors import (
+    APIError,
+    ErrorResponse,
+    ModelNotFoundError,
+    RateLimitError,
+    ServiceUnavailableError,
+    install_handlers,
+    unwrap,
+)
+from serve_app.metrics import CountRequests, IngressMetrics
 from serve_app.ratelimit_headers import RATE_LIMIT_HEADERS, ratelimit_headers
 from serve_app.protocol import (
     ChatCompletion,
@@ -39,6 +50,10 @@ from serve_app.stage_types import GenerationChunk, GenerationRequest, ImageInput
 
 logger = logging.getLogger("ray.serve")
 
+_READY_TIMEOUT_S = 3.0
+_BACKPRESSURE = (BackPressureError,)
+_UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, ActorDiedError, ActorUnavailableError)
+
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
 
 api = FastAPI(
@@ -48,6 +63,22 @@ api = FastAPI(
 )
 install_handlers(api)
 api.include_router(web_router)  # TEMP(issue 5 helper): the chat page at / and /static
+
+
+class _Budget:
+    """One request's rate-limit reservation, settled exactly once with the tokens really used."""
+
+    def __init__(self, limiter: DeploymentHandle | None, principal: Principal, decision: RateDecision | None) -> None:
+        self._limiter = limiter
+        self._principal = principal
+        self._decision = decision
+        self.headers = ratelimit_headers(decision)
+
+    async def settle(self, tokens_used: int) -> None:
+        if self._limiter is None or self._decision is None or self._decision.reservation is None:
+            return
+        reservation, self._decision = self._decision.reservation, None
+        await self._limiter.settle.remote(self._principal.name, reservation, tokens_used)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
@@ -85,6 +116,8 @@ class Ingress:
             max_age=cors.max_age_s,
         )
         api.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+        self._metrics = IngressMetrics()
+        api.add_middleware(CountRequests, counter=self._metrics.requests)
 
     def _authenticate(self, request: Request) -> Principal:
         client = request.client.host if request.client else "unknown"
@@ -93,8 +126,8 @@ class Ingress:
     # ---- models ------------------------------------------------------------------------------
 
     async def _info(self) -> ModelInfo:
-        if self._model_info is None:
-            self._model_info = await self._vlm.model_info.remote()
+        await self._ensure_model_ready()
+        assert self._model_info is not None
         return self._model_info
 
     async def _models(self) -> list[Model]:
@@ -125,59 +158,65 @@ class Ingress:
 
     @api.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok"}
+        """Ready when every stage of the graph answers; 503 (OpenAI-shaped) otherwise."""
+        await self._ensure_model_ready()
+        try:
+            await asyncio.wait_for(self._preprocessor.ping.remote(), _READY_TIMEOUT_S)
+        except (TimeoutError, *_UNAVAILABLE) as exc:
+            raise ServiceUnavailableError("The image stage is not ready.", retry_after_s=5) from exc
+        return {"status": "ok", "model": self._model.id}
+
+    async def _ensure_model_ready(self) -> None:
+        """Answer 503 instead of queueing behind a model stage that is still loading."""
+        if self._model_info is not None:
+            return
+        try:
+            self._model_info = await asyncio.wait_for(self._vlm.model_info.remote(), _READY_TIMEOUT_S)
+        except (TimeoutError, *_UNAVAILABLE) as exc:
+            raise ServiceUnavailableError("The model is still loading; try again shortly.", retry_after_s=5) from exc
 
     # ---- chat completions --------------------------------------------------------------------
 
     @api.post("/v1/chat/completions", response_model=ChatCompletion)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request, response: Response):
+        started = time.perf_counter()
         principal = self._authenticate(request)
         if body.model not in self._model.names:
             raise self._unknown_model(body.model)
         messages, image_inputs = split_request(body, self._settings)
         sampling = sampling_params(body, self._settings)
-        decision = await self._admit(principal, estimate_tokens(body, self._model.default_max_tokens))
-        headers = ratelimit_headers(decision)
-        settled = False
-
-        async def settle(tokens_used: int) -> None:
-            nonlocal settled
-            if decision is not None and decision.reservation is not None and not settled:
-                settled = True
-                await self._rate_limiter.settle.remote(principal.name, decision.reservation, tokens_used)
-
+        await self._ensure_model_ready()
+        budget = await self._admit(principal, estimate_tokens(body, self._model.default_max_tokens))
         try:
             images = await self._preprocess(image_inputs)
-            request_ = GenerationRequest(messages=messages, images=images, sampling=sampling)
-            stream = self._vlm.options(stream=True).generate.remote(request_)
-            try:
-                first: GenerationChunk = await anext(stream)  # request errors arrive here, before any byte
-            except Exception as exc:
-                raise unwrap(exc) or exc
+            generation = GenerationRequest(messages=messages, images=images, sampling=sampling)
+            stream = self._observed(self._vlm.options(stream=True).generate.remote(generation), started)
+            first = await self._call(anext(stream))  # request errors arrive here, before any byte is sent
         except APIError as exc:
-            await settle(0)
-            exc.extra_headers = headers
+            await budget.settle(0)
+            exc.extra_headers = budget.headers
             raise
         cid = completion_id()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = chat_completion_events(stream, first, cid, body.model, include_usage, settle)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+            events = chat_completion_events(stream, first, cid, body.model, include_usage, budget.settle)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **budget.headers}
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         try:
-            completion = await self._collect(stream, first, cid, body.model)
+            completion = await self._call(self._collect(stream, first, cid, body.model))
         except BaseException:
-            await settle(0)
+            await budget.settle(0)
             raise
-        await settle(completion.usage.total_tokens)
-        response.headers.update(headers)
+        await budget.settle(completion.usage.total_tokens)
+        response.headers.update(budget.headers)
         return completion
 
-    async def _admit(self, principal: Principal, tokens: int) -> RateDecision | None:
+    async def _admit(self, principal: Principal, tokens: int) -> "_Budget":
         if self._rate_limiter is None or not principal.limits.enabled:
-            return None
+            return _Budget(None, principal, None)
         decision: RateDecision = await self._rate_limiter.admit.remote(principal.name, tokens, principal.limits)
         if not decision.admitted:
+            self._metrics.rate_limited.inc()
             error = RateLimitError(
                 f"Rate limit reached for {principal.name.split(':', 1)[0]} requests. "
                 f"Please try again in {decision.retry_after_s:.1f}s.",
@@ -185,13 +224,45 @@ class Ingress:
             )
             error.extra_headers = ratelimit_headers(decision)
             raise error
-        return decision
+        return _Budget(self._rate_limiter, principal, decision)
 
-    async def _preprocess(self, inputs: list[ImageInput]) -> list[PreprocessedImage]:
+    async def _observed(self, stream, started: float) -> AsyncIterator[GenerationChunk]:
+        """The model stage's stream, timed into the metrics; cancelled upstream if abandoned."""
+        previous: float | None = None
+        finished = False
         try:
-            return list(await asyncio.gather(*(self._preprocessor.process.remote(i) for i in inputs)))
+            async for chunk in stream:
+                now = time.perf_counter()
+                if previous is None:
+                    self._metrics.ttft.observe(now - started)
+                else:
+                    self._metrics.inter_token.observe(now - previous)
+                previous = now
+                if chunk.finish_reason is not None:
+                    finished = True
+                    self._metrics.prompt_tokens.inc(chunk.prompt_tokens)
+                    self._metrics.completion_tokens.inc(chunk.completion_tokens)
+                yield chunk
+        finally:
+            if not finished:
+                stream.cancel()  # the client went away or failed: free the batch slot now
+
+    @staticmethod
+    async def _call(awaitable):
+        """Await a call into another stage, turning its failures into the client's error."""
+        try:
+            return await awaitable
+        except APIError:
+            raise
+        except _BACKPRESSURE as exc:
+            raise ServiceUnavailableError("The model is at capacity; try again shortly.", retry_after_s=2) from exc
+        except _UNAVAILABLE as exc:
+            raise ServiceUnavailableError("The model stage is unavailable; try again shortly.", retry_after_s=5) from exc
         except Exception as exc:
             raise unwrap(exc) or exc
+
+    async def _preprocess(self, inputs: list[ImageInput]) -> list[PreprocessedImage]:
+        return list(await self._call(asyncio.gather(*(self._preprocessor.process.remote(i) for i in inputs))))
 
     @staticmethod
     async def _collect(
@@ -204,10 +275,7 @@ class Ingress:
             except StopAsyncIteration:
                 raise APIError("The model stage ended the answer early.") from None
             texts.append(last.text)
-        usage = CompletionUsage(
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            total_tokens=last.prompt_tokens + last.completion_tokens,
-        )
+        usage = CompletionUsage.of(last.prompt_tokens, last.completion_tokens, last.image_tokens)
         choice = Choice(message=ChatCompletionMessage(content="".join(texts)), finish_reason=last.finish_reason)
         return ChatCompletion(id=cid, model=model, choices=[choice], usage=usage)
+

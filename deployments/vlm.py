@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ray import serve
 
+from deployments.admission import AdmissionBudget, Cost
 from deployments.engine import Engine, PreparedRequest
+from serve_app.metrics import VLMMetrics
 from serve_app.settings import BatchSettings, ModelSettings
 from serve_app.stage_types import GenerationChunk, GenerationRequest
 
@@ -30,6 +33,8 @@ class ModelInfo:
     quantization: str
     max_model_len: int
     device: str
+    token_budget: int | None  # what the replica admits in flight; None: unbounded
+    max_images_in_flight: int | None
 
 
 @serve.deployment(
@@ -42,38 +47,57 @@ class VLMServer:
         self._engine = Engine(model_settings)
         # One thread: the model runs one batch at a time, off the event loop that feeds the streams.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._metrics = VLMMetrics()
+        self._in_flight = 0
+        self._budget = AdmissionBudget(None, None)
         self.reconfigure((batching or BatchSettings()).model_dump())
 
     def reconfigure(self, user_config: dict) -> None:
         """Batching knobs arrive as `user_config`, so they change without restarting the replica."""
         settings = BatchSettings.model_validate(user_config)
+        self._stall_timeout_s = settings.stall_timeout_s
+        self._admission_timeout_s = settings.admission_timeout_s
+        self._budget.resize(settings.token_budget, settings.max_images_in_flight)
         self._generate_batch.set_max_batch_size(settings.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         logger.info("Batching: max_batch_size=%d wait=%.3fs", settings.max_batch_size, settings.batch_wait_timeout_s)
 
     async def model_info(self) -> ModelInfo:
         s = self._engine.settings
-        return ModelInfo(s.id, list(s.aliases), self._engine.quantization, s.max_model_len, str(self._engine.device))
+        return ModelInfo(s.id, list(s.aliases), self._engine.quantization, s.max_model_len, str(self._engine.device),
+                         self._budget.max_tokens, self._budget.max_images)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream one request's text; errors in the request surface before its first chunk."""
         prepared = await asyncio.to_thread(self._engine.prepare, request)
+        cost = Cost(tokens=prepared.prompt_tokens + prepared.max_tokens, images=len(request.images))
+        await self._budget.acquire(cost, self._admission_timeout_s)
+        finished = False
+        self._in_flight += 1
+        self._metrics.queue_depth.set(self._in_flight)
         try:
             async for chunk in self._generate_batch(prepared):
                 if chunk is None:
                     continue
                 yield chunk
                 if chunk.finish_reason is not None:
+                    finished = True
                     return
         finally:
             # Reached on completion, on an error and when the client goes away (cancellation or an
             # abandoned stream): the engine drops the row at its next step either way.
             prepared.cancelled = True
+            await self._budget.release(cost)
+            self._in_flight -= 1
+            self._metrics.queue_depth.set(self._in_flight)
+            if not finished:
+                self._metrics.cancelled.inc()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, batch: list[PreparedRequest]):
         """Yields, per engine step, one entry per request: a chunk, None (nothing new) or StopIteration."""
         logger.info("Running a batch: batch_size=%d", len(batch))
+        self._metrics.batch_size.observe(len(batch))
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
 
@@ -95,5 +119,11 @@ class VLMServer:
         await run  # re-raises an engine failure to every request of the batch
 
     async def check_health(self) -> None:
-        if self._executor._shutdown:  # noqa: SLF001 - no public flag exists
-            raise RuntimeError("the engine executor has shut down")
+        """Healthy when a running batch keeps stepping, or when an idle model can run a forward pass."""
+        if self._engine.busy:
+            stalled = time.monotonic() - self._engine.last_step_at
+            if stalled > self._stall_timeout_s:
+                raise RuntimeError(f"the running batch made no step for {stalled:.0f}s")
+            return
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.run_in_executor(self._executor, self._engine.probe), self._stall_timeout_s)

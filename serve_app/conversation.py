@@ -32,7 +32,9 @@ def split_request(
             parts = []
             for j, part in enumerate(content):
                 if isinstance(part, ChatCompletionContentPartImage):
-                    images.append(ImageInput(part.image_url.url, f"messages[{i}].content[{j}]", part.image_url.detail))
+                    image = part.image_url
+                    images.append(ImageInput(image.url, f"messages[{i}].content[{j}]", image.detail,
+                                             image.min_pixels, image.max_pixels))
                     parts.append(ImagePart())
                 else:
                     parts.append(TextPart(part.text))

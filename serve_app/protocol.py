@@ -22,7 +22,19 @@ class _Request(BaseModel):
 
 class ImageURL(_Request):
     url: str = Field(min_length=1, description="An http(s) URL or a data:image/...;base64, URL.")
-    detail: Literal["auto", "low", "high"] = "auto"
+    detail: Literal["auto", "low", "high"] = Field(
+        "auto", description="'low': a small fixed budget; 'high': the server's maximum; 'auto': by the image's size."
+    )
+    min_pixels: int | None = Field(None, gt=0, description="Extension: fewest pixels the image is resized to.")
+    max_pixels: int | None = Field(
+        None, gt=0, description="Extension: most pixels the image is resized to (within the server's limits)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "ImageURL":
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        return self
 
 
 class ChatCompletionContentPartText(_Request):
@@ -119,10 +131,26 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    # Extension: how many prompt tokens the images became, so clients see what a resolution costs.
+    image_tokens: int = 0
+
+
 class CompletionUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, image_tokens: int) -> "CompletionUsage":
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(image_tokens=image_tokens),
+        )
 
 
 FinishReason = Literal["stop", "length"]

@@ -39,6 +39,14 @@ class ImageSettings(_Settings):
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0)
     max_redirects: int = Field(3, ge=0)
+    max_pixels: int | None = Field(
+        None, gt=0, description="Pixel budget per image for detail 'high' (None: the model processor's own)."
+    )
+    detail_low_max_pixels: int = Field(448 * 448, gt=0, description="Pixel budget for detail 'low'.")
+    detail_auto_max_pixels: int | None = Field(
+        None, gt=0, description="Pixel budget for detail 'auto' (None: as 'high'); smaller images keep their size."
+    )
+    cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Preprocessed images kept by content hash.")
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts, IP addresses or CIDR networks that may be fetched even though they are "
@@ -51,6 +59,16 @@ class BatchSettings(_Settings):
 
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="The health check fails when a running batch makes no step for this long."
+    )
+    token_budget: int | None = Field(
+        None, ge=16, description="Tokens in flight (prompts with image tokens + max_tokens) the replica accepts."
+    )
+    max_images_in_flight: int | None = Field(None, ge=1, description="Images in flight the replica accepts.")
+    admission_timeout_s: float = Field(
+        10.0, ge=0, description="How long a request waits for budget before a 503 with Retry-After."
+    )
 
 
 class ModelSettings(_Settings):

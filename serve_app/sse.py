@@ -56,11 +56,7 @@ async def chat_completion_events(
             yield DONE
             return
         if include_usage:
-            usage = CompletionUsage(
-                prompt_tokens=last.prompt_tokens,
-                completion_tokens=last.completion_tokens,
-                total_tokens=last.prompt_tokens + last.completion_tokens,
-            )
+            usage = CompletionUsage.of(last.prompt_tokens, last.completion_tokens, last.image_tokens)
             yield event(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage))
         yield DONE
     finally:

@@ -20,6 +20,8 @@ class ImageInput:
     url: str
     param: str
     detail: Literal["auto", "low", "high"] = "auto"
+    min_pixels: int | None = None  # extension: the client's own resolution bounds, checked by the
+    max_pixels: int | None = None  # preprocessor against the operator's limits
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class PreprocessedImage:
     grid_thw: tuple[int, int, int]  # patch grid (time, height, width) before the 2x2 merge
     width: int  # size after decoding and resizing, before the model's processor
     height: int
+    tokens: int  # image tokens it becomes in the prompt (the grid after merging)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"] | None = None
+    image_tokens: int = 0
 
 
 @dataclass(frozen=True)

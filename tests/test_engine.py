@@ -24,7 +24,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 def preprocessed(engine: Engine, size: tuple[int, int], color: tuple[int, int, int]) -> PreprocessedImage:
     processor = AutoImageProcessor.from_pretrained(engine.settings.path)
     features = processor(images=[Image.new("RGB", size, color)], return_tensors="pt")
-    return PreprocessedImage(features["pixel_values"], tuple(int(v) for v in features["image_grid_thw"][0]), *size)
+    t, h, w = (int(v) for v in features["image_grid_thw"][0])
+    return PreprocessedImage(features["pixel_values"], (t, h, w), *size, tokens=t * h * w // 4)
 
 
 def user_request(engine: Engine, text: str, image: PreprocessedImage | None, **sampling) -> GenerationRequest:
