@@ -62,7 +62,7 @@ api = FastAPI(
     responses=_ERRORS,
 )
 install_handlers(api)
-api.include_router(web_router)  # TEMP(issue 5 helper): the chat page at / and /static
+api.include_router(web_router)  # the chat page at / and its assets under /static
 
 
 class _Budget:
