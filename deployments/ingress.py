@@ -240,8 +240,11 @@ class Ingress:
                 previous = now
                 if chunk.finish_reason is not None:
                     finished = True
-                    self._metrics.prompt_tokens.inc(chunk.prompt_tokens)
-                    self._metrics.completion_tokens.inc(chunk.completion_tokens)
+                    # Ray's counters refuse an increment of 0 (an answer may end at its first token).
+                    if chunk.prompt_tokens:
+                        self._metrics.prompt_tokens.inc(chunk.prompt_tokens)
+                    if chunk.completion_tokens:
+                        self._metrics.completion_tokens.inc(chunk.completion_tokens)
                 yield chunk
         finally:
             if not finished:
@@ -255,7 +258,8 @@ class Ingress:
         except APIError:
             raise
         except _BACKPRESSURE as exc:
-            raise ServiceUnavailableError("The model is at capacity; try again shortly.", retry_after_s=2) from exc
+            retry = getattr(exc, "retry_after_s", None) or 2
+            raise ServiceUnavailableError("The model is at capacity; try again shortly.", retry_after_s=retry) from exc
         except _UNAVAILABLE as exc:
             raise ServiceUnavailableError("The model stage is unavailable; try again shortly.", retry_after_s=5) from exc
         except Exception as exc:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
