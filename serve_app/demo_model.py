@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    GenerationConfig,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
     Glm46VImageProcessor,
     Glm46VProcessor,
-    GenerationConfig,
     PreTrainedTokenizerFast,
 )
 

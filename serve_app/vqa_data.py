@@ -1,0 +1,430 @@
+"""A seeded synthetic visual question-answering set, drawn with Pillow.
+
+Each sample is a small image (shapes in named colors at positions, or a rendered word or number),
+a question in English or Chinese, a short-sentence answer in the question's language, and a
+`question_type` (shape, color, count, text, position). The demo model is trained and evaluated on
+it, and the web page can offer its images as examples.
+
+Every sample is a pure function of `(split seed, index)`, so a data loader worker can draw any
+sample on its own, a training run resumes on exactly the batches it would have seen, and the
+train, validation and test splits never share a random stream.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+
+QUESTION_TYPES: tuple[str, ...] = ("shape", "color", "count", "text", "position")
+LANGUAGES: tuple[str, ...] = ("en", "zh")
+# Distinct seeds per split: the splits are different random streams, not slices of one.
+SPLIT_SEEDS: dict[str, int] = {"train": 1_000_003, "validation": 2_000_003, "test": 3_000_017}
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
+SHAPE_PLURAL: dict[str, str] = {s: s + "s" for s in SHAPES}
+SHAPE_ZH: dict[str, str] = {
+    "circle": "圆形",
+    "square": "正方形",
+    "triangle": "三角形",
+    "star": "星形",
+    "hexagon": "六边形",
+}
+# The noun a Chinese speaker counts with ("几个圆", not "几个圆形").
+SHAPE_ZH_NOUN: dict[str, str] = {**SHAPE_ZH, "circle": "圆"}
+
+# Named colors, each far enough from the others (and from the near-white background) that a
+# little jitter never makes a name ambiguous.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 0),
+    "orange": (255, 135, 0),
+    "purple": (140, 40, 180),
+    "black": (20, 20, 20),
+    "gray": (130, 130, 130),
+    "pink": (255, 110, 190),
+    "brown": (130, 75, 20),
+}
+COLOR_ZH: dict[str, str] = {
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "orange": "橙色",
+    "purple": "紫色",
+    "black": "黑色",
+    "gray": "灰色",
+    "pink": "粉色",
+    "brown": "棕色",
+}
+# Text is drawn in the darker colors only, so thin strokes stay readable on a light background.
+TEXT_COLORS: tuple[str, ...] = ("red", "green", "blue", "purple", "black", "brown")
+
+WORDS: tuple[str, ...] = (
+    "CAT", "DOG", "SUN", "MOON", "TREE", "BOOK", "FISH", "BIRD",
+    "CAKE", "RAIN", "SHIP", "LAMP", "KING", "MILK", "ROSE", "WIND",
+    "HELLO", "WORLD", "APPLE", "HOUSE", "WATER", "MUSIC", "HAPPY", "LIGHT",
+)  # fmt: skip
+
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
+# Where each named position puts an object's center, as fractions of width and height.
+POSITION_XY: dict[str, tuple[float, float]] = {
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
+    "center": (0.5, 0.5),
+}
+POSITION_EN: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+POSITION_ZH: dict[str, str] = {"left": "左边", "right": "右边", "top": "上边", "bottom": "下边", "center": "中间"}
+
+NUMBER_EN: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
+NUMBER_ZH: tuple[str, ...] = ("零", "一", "两", "三", "四", "五", "六")
+MAX_COUNT = 5
+
+# Image sizes (width, height): all at most 224 x 224, the processor's cap (64 image tokens).
+IMAGE_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (196, 196), (168, 168), (224, 168), (168, 224))
+
+# Question phrasings per (type, language); `{shape}` is filled with the name in that language.
+QUESTIONS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("shape", "en"): (
+        "What shape is this?",
+        "What shape is shown in the image?",
+        "Which shape do you see?",
+        "Name the shape in the picture.",
+    ),
+    ("shape", "zh"): ("这是什么形状?", "图中是什么形状？", "图里画的是什么形状?"),
+    ("color", "en"): (
+        "What color is the {shape}?",
+        "Which color does the {shape} have?",
+        "Tell me the color of the {shape}.",
+    ),
+    ("color", "zh"): ("{shape}是什么颜色?", "图中的{shape}是什么颜色？", "{shape}的颜色是什么?"),
+    ("count", "en"): (
+        "How many {shapes} are there?",
+        "How many {shapes} are in the image?",
+        "Count the {shapes}.",
+    ),
+    ("count", "zh"): ("图里有几个{shape}?", "图中有多少个{shape}？", "数一数有几个{shape}。"),
+    ("text", "en"): ("What word is written?", "What is written in the image?", "What does the text say?"),
+    ("text", "zh"): ("图中写的是什么字?", "图里写着什么？", "上面写的是什么?"),
+    ("position", "en"): ("Where is the {shape}?", "Where is the {shape} in the image?"),
+    ("position", "zh"): ("{shape}在哪里?", "图中的{shape}在什么位置？"),
+}
+
+
+@dataclass(frozen=True)
+class DrawnObject:
+    """One shape as drawn: its name, color name, center and radius in pixels."""
+
+    shape: str
+    color: str
+    cx: float
+    cy: float
+    radius: float
+
+
+@dataclass
+class VQASample:
+    """One question about one image, with its answer and what was drawn (for checks)."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    question_type: str
+    lang: str
+    objects: list[DrawnObject] = field(default_factory=list)
+    text: str | None = None
+    split: str = ""
+    index: int = -1
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 15) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+
+
+def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    # Near-white with a slight tint: varied, yet never mistaken for a named color.
+    shade = (rng.randint(235, 255), rng.randint(235, 255), rng.randint(235, 255))
+    return Image.new("RGB", size, shade)
+
+
+def _star_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    import math
+
+    points = []
+    for k in range(10):
+        radius = r if k % 2 == 0 else r * 0.45
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def _polygon_points(cx: float, cy: float, r: float, sides: int, start: float) -> list[tuple[float, float]]:
+    import math
+
+    return [
+        (cx + r * math.cos(start + k * 2 * math.pi / sides), cy + r * math.sin(start + k * 2 * math.pi / sides))
+        for k in range(sides)
+    ]
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: DrawnObject, fill: tuple[int, int, int]) -> None:
+    """Draw one shape filled with `fill`, fitted inside the circle (cx, cy, radius)."""
+    import math
+
+    cx, cy, r = obj.cx, obj.cy, obj.radius
+    if obj.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif obj.shape == "square":
+        h = r * 0.8
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif obj.shape == "triangle":
+        # Point-up triangle, its centroid lowered a little so it looks centered.
+        draw.polygon(_polygon_points(cx, cy + r * 0.15, r * 1.05, 3, -math.pi / 2), fill=fill)
+    elif obj.shape == "star":
+        draw.polygon(_star_points(cx, cy, r * 1.05), fill=fill)
+    elif obj.shape == "hexagon":
+        draw.polygon(_polygon_points(cx, cy, r, 6, 0.0), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+def _place(
+    rng: random.Random, size: tuple[int, int], count: int, r_range: tuple[float, float]
+) -> list[tuple[float, float, float]]:
+    """`count` non-overlapping circles (cx, cy, r) inside the image, by rejection sampling."""
+    w, h = size
+    side = min(w, h)
+    for _ in range(200):
+        placed: list[tuple[float, float, float]] = []
+        for _ in range(count):
+            for _ in range(100):
+                r = rng.uniform(*r_range) * side
+                cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
+                # A gap of a few pixels keeps neighbours separate, which counting needs.
+                if all((cx - x) ** 2 + (cy - y) ** 2 > (r + q + 4) ** 2 for x, y, q in placed):
+                    placed.append((cx, cy, r))
+                    break
+            else:
+                break
+        if len(placed) == count:
+            return placed
+    raise RuntimeError(f"could not place {count} objects in {size}")
+
+
+def render_scene(rng: random.Random, size: tuple[int, int], objects: list[DrawnObject]) -> Image.Image:
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        draw_object(draw, obj, _jitter(COLORS[obj.color], rng))
+    return image
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Pillow >= 10.1 ships a scalable default font, so text renders the same offline everywhere.
+    return ImageFont.load_default(size=size)
+
+
+def render_text(rng: random.Random, size: tuple[int, int], text: str) -> Image.Image:
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    font_size = rng.randint(34, 52)
+    font = _font(font_size)
+    # Shrink the font until the text fits with a margin (long words on narrow images).
+    while True:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if right - left <= w - 16 or font_size <= 14:
+            break
+        font_size -= 2
+        font = _font(font_size)
+    tw, th = right - left, bottom - top
+    x = rng.uniform(8, max(8.0, w - tw - 8)) - left
+    y = rng.uniform(8, max(8.0, h - th - 8)) - top
+    draw.text((x, y), text, font=font, fill=_jitter(COLORS[rng.choice(TEXT_COLORS)], rng, 10))
+    return image
+
+
+# ----------------------------------------------------------------------------------------------
+# Questions and answers
+
+
+def _count_answer(shape: str, n: int, lang: str) -> str:
+    if lang == "zh":
+        return f"图里有{NUMBER_ZH[n]}个{SHAPE_ZH_NOUN[shape]}。"
+    if n == 1:
+        return f"There is one {shape}."
+    return f"There are {NUMBER_EN[n]} {SHAPE_PLURAL[shape]}."
+
+
+def _question(rng: random.Random, qtype: str, lang: str, shape: str | None = None) -> str:
+    template = rng.choice(QUESTIONS[(qtype, lang)])
+    if shape is None:
+        return template
+    if lang == "zh":
+        return template.format(shape=SHAPE_ZH_NOUN[shape])
+    return template.format(shape=shape, shapes=SHAPE_PLURAL[shape])
+
+
+def _shape_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASample:
+    ((cx, cy, r),) = _place(rng, size, 1, (0.18, 0.32))
+    obj = DrawnObject(rng.choice(SHAPES), rng.choice(list(COLORS)), cx, cy, r)
+    answer = f"这是{SHAPE_ZH[obj.shape]}。" if lang == "zh" else f"It is a {obj.shape}."
+    return VQASample(render_scene(rng, size, [obj]), _question(rng, "shape", lang), answer, "shape", lang, [obj])
+
+
+def _color_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASample:
+    shapes = rng.sample(SHAPES, rng.randint(1, 3))  # distinct shapes: "the square" is unique
+    spots = _place(rng, size, len(shapes), (0.12, 0.2))
+    objects = [DrawnObject(s, rng.choice(list(COLORS)), x, y, r) for s, (x, y, r) in zip(shapes, spots)]
+    target = rng.choice(objects)
+    if lang == "zh":
+        answer = f"{SHAPE_ZH_NOUN[target.shape]}是{COLOR_ZH[target.color]}的。"
+    else:
+        answer = f"The {target.shape} is {target.color}."
+    question = _question(rng, "color", lang, target.shape)
+    return VQASample(render_scene(rng, size, objects), question, answer, "color", lang, objects)
+
+
+def _count_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASample:
+    target = rng.choice(SHAPES)
+    n = rng.randint(1, MAX_COUNT)
+    others = [s for s in SHAPES if s != target]
+    distractors = [rng.choice(others) for _ in range(rng.randint(0, min(2, 6 - n)))]
+    shapes = [target] * n + distractors
+    rng.shuffle(shapes)
+    spots = _place(rng, size, len(shapes), (0.07, 0.1))
+    objects = [DrawnObject(s, rng.choice(list(COLORS)), x, y, r) for s, (x, y, r) in zip(shapes, spots)]
+    question = _question(rng, "count", lang, target)
+    return VQASample(render_scene(rng, size, objects), question, _count_answer(target, n, lang), "count", lang, objects)
+
+
+def _text_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASample:
+    is_word = rng.random() < 0.6
+    text = rng.choice(WORDS) if is_word else str(rng.randint(0, 9))
+    if lang == "zh":
+        answer = f"写的是{text}。"
+    else:
+        answer = f"The word is {text}." if is_word else f"The digit is {text}."
+    question = _question(rng, "text", lang)
+    return VQASample(render_text(rng, size, text), question, answer, "text", lang, [], text)
+
+
+def _position_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASample:
+    w, h = size
+    where = rng.choice(POSITIONS)
+    fx, fy = POSITION_XY[where]
+    r = rng.uniform(0.1, 0.14) * min(w, h)
+    # A little wobble, never enough to cross into a neighbouring zone.
+    cx, cy = fx * w + rng.uniform(-0.05, 0.05) * w, fy * h + rng.uniform(-0.05, 0.05) * h
+    obj = DrawnObject(rng.choice(SHAPES), rng.choice(list(COLORS)), cx, cy, r)
+    if lang == "zh":
+        answer = f"{SHAPE_ZH_NOUN[obj.shape]}在{POSITION_ZH[where]}。"
+    else:
+        answer = f"The {obj.shape} is {POSITION_EN[where]}."
+    question = _question(rng, "position", lang, obj.shape)
+    return VQASample(render_scene(rng, size, [obj]), question, answer, "position", lang, [obj])
+
+
+_MAKERS = {
+    "shape": _shape_sample,
+    "color": _color_sample,
+    "count": _count_sample,
+    "text": _text_sample,
+    "position": _position_sample,
+}
+
+
+def make_sample(seed: int, index: int, size: tuple[int, int] | None = None) -> VQASample:
+    """Sample `index` of the stream seeded by `seed`: types and languages cycle evenly.
+
+    `size` (width, height) overrides the drawn image size; training uses it to give every image
+    of a batch the same size, which lets the vision tower attend over the batch in one call.
+    """
+    # String seeds hash the same in every process (unlike hash()), so workers agree.
+    rng = random.Random(f"vqa:{seed}:{index}")
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    lang = LANGUAGES[(index // len(QUESTION_TYPES)) % len(LANGUAGES)]
+    drawn_size = rng.choice(IMAGE_SIZES)
+    return _MAKERS[qtype](rng, size or drawn_size, lang)
+
+
+def split_seed(split: str) -> int:
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
+    return SPLIT_SEEDS[split]
+
+
+def generate(split: str, n: int, start: int = 0) -> list[VQASample]:
+    """Samples `start .. start+n-1` of `split` (train, validation or test)."""
+    return list(iter_split(split, n, start))
+
+
+def iter_split(split: str, n: int, start: int = 0) -> Iterator[VQASample]:
+    seed = split_seed(split)
+    for index in range(start, start + n):
+        sample = make_sample(seed, index)
+        sample.split, sample.index = split, index
+        yield sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form for exact-match scoring: case, width, spacing and end punctuation ignored."""
+    text = unicodedata.normalize("NFKC", text)
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    text = text.strip().lower()
+    text = re.sub(r"\s+", " ", text)
+    text = text.strip(" \"'`“”‘’")
+    return text.rstrip(" .。!！").strip()
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def vocabulary_corpus() -> list[str]:
+    """Every phrasing and answer form the set uses, for training the demo tokenizer's merges."""
+    lines: list[str] = []
+    for (qtype, lang), templates in QUESTIONS.items():
+        for template in templates:
+            for shape in SHAPES:
+                if lang == "zh":
+                    lines.append(template.format(shape=SHAPE_ZH_NOUN[shape]))
+                else:
+                    lines.append(template.format(shape=shape, shapes=SHAPE_PLURAL[shape]))
+    for shape in SHAPES:
+        lines.append(f"It is a {shape}. 这是{SHAPE_ZH[shape]}。")
+        for color in COLORS:
+            lines.append(f"The {shape} is {color}. {SHAPE_ZH_NOUN[shape]}是{COLOR_ZH[color]}的。")
+        for n in range(1, MAX_COUNT + 1):
+            lines.append(f"{_count_answer(shape, n, 'en')} {_count_answer(shape, n, 'zh')}")
+        for where in POSITIONS:
+            lines.append(f"The {shape} is {POSITION_EN[where]}. {SHAPE_ZH_NOUN[shape]}在{POSITION_ZH[where]}。")
+    for word in WORDS:
+        lines.append(f"The word is {word}. 写的是{word}。")
+    for digit in range(10):
+        lines.append(f"The digit is {digit}. 写的是{digit}。")
+    return lines
