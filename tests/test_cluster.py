@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import json
 import os
 import re
 import shutil
@@ -300,3 +301,11 @@ def test_gpu_cluster_configs_deploy(deployed: Cluster, name: str) -> None:
                      120, f"{name} to be built")
     vlm = app["deployments"]["VLMServer"]
     assert vlm["deployment_config"]["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_grafana_dashboard_queries_the_metrics_the_app_exports() -> None:
+    dashboard = json.loads((ROOT / "configs" / "grafana" / "vlm-serve-dashboard.json").read_text())
+    expressions = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    source = (ROOT / "serve_app" / "metrics.py").read_text()
+    exported = set(re.findall(r'"(vlm_[a-z_]+)"', source))
+    assert exported and all(f"ray_{name}" in expressions for name in exported), exported
