@@ -27,6 +27,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from deployments.quantization import describe, describe_quantization, generation_kwargs, load_kwargs
 from serve_app.checkpoints import ensure_checkpoint
 from serve_app.errors import ContextLengthError, InvalidRequestError
 from serve_app.settings import ModelSettings
@@ -61,17 +62,16 @@ StepCallback = Callable[[list[GenerationChunk | None]], None]
 
 
 class Engine:
-    def __init__(self, settings: ModelSettings) -> None:
+    """Prompts in, streamed text out, over a model and processor already in memory."""
+
+    def __init__(self, settings: ModelSettings, model, processor, device: torch.device) -> None:
         self.settings = settings
-        source = ensure_checkpoint(settings)
-        self.device = torch.device(
-            settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-        dtype = _DTYPES.get(settings.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.processor = AutoProcessor.from_pretrained(source)
-        self.tokenizer = self.processor.tokenizer
-        self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(self.device).eval()
-        self.image_token: str = self.processor.image_token
+        self.device = device
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model = model
+        self._generation_extra = generation_kwargs(settings.quantization)
+        self.image_token: str = processor.image_token
         self.eos_token_ids: set[int] = self._eos_ids()
         self.pad_token_id: int = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_token_ids)
@@ -79,9 +79,24 @@ class Engine:
         # Read by the replica's health check: a batch in progress must keep making steps.
         self.busy = False
         self.last_step_at = time.monotonic()
-        quant = getattr(self.model.config, "quantization_config", None)
-        self.quantization = "none" if quant is None else _describe_quantization(quant)
-        logger.info("Loaded %s on %s (%s, quantization=%s)", source, self.device, dtype, self.quantization)
+        quant = getattr(model.config, "quantization_config", None)
+        self.quantization = describe(settings.quantization, "none" if quant is None else describe_quantization(quant))
+
+    @classmethod
+    def load(cls, settings: ModelSettings) -> "Engine":
+        """Load the checkpoint `settings` names (the demo one is built if missing) onto its device."""
+        source = ensure_checkpoint(settings)
+        device = torch.device(
+            settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        dtype = _DTYPES.get(settings.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=dtype, **load_kwargs(source, device, settings.quantization)
+        )
+        engine = cls(settings, model.to(device).eval(), processor, device)
+        logger.info("Loaded %s on %s (%s, quantization=%s)", source, device, dtype, engine.quantization)
+        return engine
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
@@ -166,6 +181,7 @@ class Engine:
                 do_sample=False,  # _RowSampler already chose; argmax over its one-hot picks that
                 eos_token_id=None,  # end-of-sequence is decided per row by _RowStepper
                 pad_token_id=self.pad_token_id,
+                **self._generation_extra,
             ),
             logits_processor=LogitsProcessorList([_RowSampler(rows, self.eos_token_ids, self.device)]),
             stopping_criteria=StoppingCriteriaList([_RowStepper(rows, self.eos_token_ids, on_step, heartbeat)]),
@@ -195,13 +211,6 @@ class Engine:
             inputs["pixel_values"] = torch.cat(pixels).to(self.model.dtype)
             inputs["image_grid_thw"] = torch.tensor([g for r in batch for g in r.image_grid_thw])
         return {k: v.to(self.device) for k, v in inputs.items()}
-
-
-def _describe_quantization(config: object) -> str:
-    as_dict = config if isinstance(config, dict) else getattr(config, "to_dict", lambda: {})()
-    method = as_dict.get("quant_method", "unknown")
-    bits = as_dict.get("bits")
-    return f"{method}-{bits}bit" if bits else str(method)
 
 
 class _Detokenizer:

@@ -44,7 +44,7 @@ class ModelInfo:
 )
 class VLMServer:
     def __init__(self, model_settings: ModelSettings, batching: BatchSettings | None = None) -> None:
-        self._engine = Engine(model_settings)
+        self._engine = Engine.load(model_settings)
         # One thread: the model runs one batch at a time, off the event loop that feeds the streams.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._metrics = VLMMetrics()

@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("out", help="directory to write the checkpoint to")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_make_demo_model)
+
+    from serve_app import bench, evaluate, quantize
+
+    quantize.register(commands)
+    bench.register(commands)
+    evaluate.register(commands)
     return parser
 
 

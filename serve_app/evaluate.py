@@ -192,10 +192,9 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> tuple[Any, A
     return model, processor
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="glm4v-demo-vqa", help="the model name the server serves")
+    parser.add_argument("--model", default="glm-4v-flash-web", help="the model name the server serves")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--n", type=int, default=200, help="number of held-out samples")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
@@ -204,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="with --offline: cpu, cuda, ...")
     parser.add_argument("--text-first", action="store_true", help="with --offline: question before image")
     parser.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args: argparse.Namespace) -> int:
     if args.offline:
         model, processor = load_checkpoint(args.offline, args.device)
         result = evaluate_offline(model, processor, split=args.split, n=args.n, image_first=not args.text_first)
@@ -217,6 +218,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `eval` to `vlm-serve`'s subcommands."""
+    parser = subparsers.add_parser("eval", help="held-out visual QA accuracy through a running server",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser).set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(add_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

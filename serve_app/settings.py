@@ -71,6 +71,24 @@ class BatchSettings(_Settings):
     )
 
 
+GptqBackend = Literal["auto", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]
+
+
+class QuantizationSettings(_Settings):
+    """How quantized weights load and whether the KV cache is quantized (a model YAML's `quantization:`)."""
+
+    gptq_backend: GptqBackend = Field(
+        "auto", description="gptqmodel kernel for GPTQ checkpoints; 'auto' picks per device and bit width."
+    )
+    kv_cache: Literal["none", "int8", "int4"] = Field(
+        "none", description="Quantize the KV cache (transformers' QuantizedCache, HQQ backend; pip install hqq)."
+    )
+    kv_cache_group_size: int = Field(64, ge=8, description="Values sharing one scale in the quantized cache.")
+    kv_cache_residual_length: int = Field(
+        128, ge=0, description="Most recent tokens kept in full precision before they are quantized."
+    )
+
+
 class ModelSettings(_Settings):
     """What to serve: one YAML file in `configs/models/` per model."""
 
@@ -86,6 +104,7 @@ class ModelSettings(_Settings):
     default_max_tokens: int = Field(256, ge=1)
     owned_by: str = "vlm-serve"
     system_prompt: str | None = Field(None, description="Prepended when a request has no system turn.")
+    quantization: QuantizationSettings = QuantizationSettings()
 
     @property
     def names(self) -> list[str]:

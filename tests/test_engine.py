@@ -16,7 +16,7 @@ from serve_app.stage_types import GenerationRequest, ImagePart, PreprocessedImag
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     path = make_demo_model(tmp_path_factory.mktemp("demo") / "ckpt")
-    return Engine(ModelSettings(id="demo", path=str(path), max_model_len=512))
+    return Engine.load(ModelSettings(id="demo", path=str(path), max_model_len=512))
 
 
 def preprocessed(engine: Engine, size: tuple[int, int], color: tuple[int, int, int]) -> PreprocessedImage:

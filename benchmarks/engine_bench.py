@@ -1,0 +1,393 @@
+"""The model stage alone (no Ray, no HTTP): the engine's `generate_batch` vs plain `generate()`.
+
+    python benchmarks/engine_bench.py                                   # demo model, CPU-sized
+    python benchmarks/engine_bench.py --model configs/models/demo.yaml --batch-sizes 1,2 --new-tokens 4
+    python benchmarks/engine_bench.py --random-glm46v-shape --batch-sizes 1,8,32 --new-tokens 128 \\
+        --image-size 448x448 --json $OUT/engine.json                   # on a GPU: issue 7's workload
+
+Each concurrency level B makes B requests, each with one image of `--image-size` (distinct pixels
+per row) and `--prompt`, prepared by the engine itself (`Engine.prepare`: chat template, image
+tokens). The same prepared rows then run, in the same process and order:
+- baseline: plain `model.generate()` on the engine's left-padded collation, greedy, with
+  `min_new_tokens = max_new_tokens = N` (exactly N tokens; end-of-sequence is suppressed);
+- engine: `Engine.generate_batch` with `SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)`.
+Figures per path: TTFT (call -> the first generated token on the host: for the engine, the first
+token its detokenizer receives, which the first `on_step` callback carries unless the token has no
+text (`first_callback_s` reports that call too); for the baseline, the first stopping-criterion call
+of `generate()`, after a device sync), wall time, output tok/s per sequence (N / wall, and decode-only (N-1) / (wall - TTFT)
+as in the issue's table) and total output tok/s; the ratio engine/baseline; and whether the
+engine's greedy tokens equal `generate()`'s, row by row.
+
+`--random-glm46v-shape` builds a GLM-4.6V-Flash-shaped model (transformers' default `Glm46VConfig`,
+10.3B parameters, random weights, as ../shared/probes/hfbase.py did) with the demo tokenizer and
+GLM-4.6V's default image processor (448x448 -> 256 image tokens); `--tiny` shrinks it to
+hfbase.py's CPU size to try the path anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deployments import engine as engine_module
+from deployments.engine import Engine, PreparedRequest
+from serve_app.settings import ModelSettings, resolve_path
+from serve_app.stage_types import (
+    GenerationRequest,
+    ImagePart,
+    PreprocessedImage,
+    PromptMessage,
+    SamplingParams,
+    TextPart,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- building the engine ---------------------------------------------------------------------
+
+
+def settings_for(model: str, device: str | None, dtype: str | None) -> ModelSettings:
+    """A model YAML (configs/models/*.yaml) or a checkpoint directory / hub id, with overrides."""
+    if model.endswith((".yaml", ".yml")) and resolve_path(model).is_file():
+        settings = ModelSettings.from_yaml(model)
+    else:
+        settings = ModelSettings(id=Path(model).name or model, path=model)
+    update = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
+    return settings.model_copy(update=update) if update else settings
+
+
+def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0) -> Engine:
+    """GLM-4.6V-Flash's shape (hfbase.py's config) with random weights, the demo tokenizer and
+    GLM-4.6V's default image processor."""
+    import transformers as t
+    from transformers import GenerationConfig
+
+    from serve_app.demo_model import CHAT_TEMPLATE, EOS_TOKENS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    ids = lambda name: tokenizer.convert_tokens_to_ids(name)
+    cfg = t.Glm46VConfig()
+    if tiny:  # hfbase.py --tiny
+        cfg.text_config.update({"hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 256,
+                                "num_attention_heads": 2, "num_key_value_heads": 1})
+        cfg.vision_config.update({"hidden_size": 64, "depth": 2, "intermediate_size": 128, "num_heads": 4,
+                                  "out_hidden_size": 256})
+    cfg.text_config.rope_parameters = {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5,
+                                       "mrope_section": [8, 12, 12]}
+    # Special tokens as the demo tokenizer numbers them (the vocabulary stays 151,552 wide).
+    cfg.image_token_id, cfg.video_token_id = ids("<|image|>"), ids("<|video|>")
+    cfg.image_start_token_id, cfg.image_end_token_id = ids("<|begin_of_image|>"), ids("<|end_of_image|>")
+    cfg.video_start_token_id, cfg.video_end_token_id = ids("<|begin_of_video|>"), ids("<|end_of_video|>")
+    cfg.text_config.pad_token_id = ids("<|endoftext|>")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = t.Glm46VForConditionalGeneration._from_config(cfg, dtype=dtype).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids(name) for name in EOS_TOKENS], pad_token_id=ids("<|endoftext|>"), do_sample=False
+    )
+    processor = t.Glm46VProcessor(
+        image_processor=t.Glm46VImageProcessor(), tokenizer=tokenizer,
+        video_processor=t.Glm46VVideoProcessor(), chat_template=CHAT_TEMPLATE,
+    )
+    settings = ModelSettings(id="glm-4.6v-flash-random" + ("-tiny" if tiny else ""), path="(random weights)",
+                             device=str(device), dtype={v: k for k, v in _DTYPES.items()}[dtype], max_model_len=16384)
+    return Engine(settings, model, processor, device)
+
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    if args.random_glm46v_shape:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _DTYPES[args.dtype] if args.dtype and args.dtype != "auto" else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return random_glm46v_engine(device, dtype, tiny=args.tiny, seed=args.seed)
+    return Engine.load(settings_for(args.model, args.device, args.dtype))
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+
+def make_image(engine: Engine, size: tuple[int, int], seed: int) -> PreprocessedImage:
+    """Random coloured blocks of `size`, through the model's image processor as the preprocessor does."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    blocks = Image.frombytes("RGB", (8, 8), bytes(rng.randrange(256) for _ in range(8 * 8 * 3)))
+    image = blocks.resize(size, Image.Resampling.NEAREST)
+    image_processor = engine.processor.image_processor
+    features = image_processor(images=[image], return_tensors="pt")
+    t_, h, w = (int(v) for v in features["image_grid_thw"][0])
+    merge = getattr(image_processor, "merge_size", 1) ** 2
+    return PreprocessedImage(features["pixel_values"], (t_, h, w), *size, tokens=t_ * h * w // merge)
+
+
+def make_requests(engine: Engine, count: int, image_size: tuple[int, int] | None, prompt: str,
+                  new_tokens: int, seed: int) -> list[PreparedRequest]:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    prepared = []
+    for i in range(count):
+        images = [make_image(engine, image_size, seed * 100_003 + i)] if image_size else []
+        parts = (ImagePart(), TextPart(prompt)) if images else (TextPart(prompt),)
+        prepared.append(engine.prepare(GenerationRequest([PromptMessage("user", parts)], images, params)))
+    return prepared
+
+
+def with_tokens(batch: list[PreparedRequest], n: int) -> list[PreparedRequest]:
+    return [replace(r, max_tokens=n, sampling=replace(r.sampling, max_tokens=n)) for r in batch]
+
+
+# ---- the two paths -----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    ttft_s: float
+    total_s: float
+    tokens: list[list[int]] = field(default_factory=list)  # each row's generated ids
+    texts: list[str] = field(default_factory=list)
+    first_callback_s: float | None = None  # engine: the first on_step call that carried text
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def run_baseline(engine: Engine, batch: list[PreparedRequest], new_tokens: int) -> Run:
+    """Plain `generate()`: greedy, left-padded, exactly `new_tokens` per row."""
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    first: list[float] = []
+
+    class FirstStep(StoppingCriteria):  # called once per step, after the new token is appended
+        def __call__(self, input_ids, scores, **kwargs):
+            if not first:
+                _sync(engine.device)
+                first.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    _sync(engine.device)
+    start = time.perf_counter()
+    inputs = engine._collate(batch)
+    out = engine.model.generate(
+        **inputs,
+        generation_config=GenerationConfig(
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            eos_token_id=sorted(engine.eos_token_ids), pad_token_id=engine.pad_token_id,
+        ),
+        stopping_criteria=StoppingCriteriaList([FirstStep()]),
+    )
+    _sync(engine.device)
+    total = time.perf_counter() - start
+    tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+    texts = [engine.tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd") for row in tokens]
+    return Run(first[0] - start, total, tokens, texts)
+
+
+@contextmanager
+def _recording_detokenizers(made: list):
+    """Observe the token ids the engine decodes for each row (rows are made in batch order)."""
+    original = getattr(engine_module, "_Detokenizer", None)
+    if original is None:  # the engine changed: fall back to comparing text only
+        yield
+        return
+
+    class Recording(original):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.first_token_at: float | None = None
+            made.append(self)
+
+        def add(self, token: int):
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            return super().add(token)
+
+    engine_module._Detokenizer = Recording
+    try:
+        yield
+    finally:
+        engine_module._Detokenizer = original
+
+
+def run_engine(engine: Engine, batch: list[PreparedRequest]) -> Run:
+    """The engine's batch path, as the VLMServer drives it (minus Ray)."""
+    first: list[float] = []
+    texts = [""] * len(batch)
+    detokenizers: list = []
+
+    def on_step(chunks) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        for i, chunk in enumerate(chunks):
+            if chunk is not None:
+                texts[i] += chunk.text
+
+    _sync(engine.device)
+    with _recording_detokenizers(detokenizers):
+        start = time.perf_counter()
+        engine.generate_batch(batch, on_step)
+        _sync(engine.device)
+        total = time.perf_counter() - start
+    tokens = [list(d.tokens) for d in detokenizers] if len(detokenizers) == len(batch) else []
+    # The first token reaches the host at the first step; on_step may come later when that token
+    # has no text of its own (e.g. ids outside a small tokenizer's vocabulary).
+    seen = [d.first_token_at for d in detokenizers if getattr(d, "first_token_at", None) is not None]
+    first_token = min(seen) if seen else first[0]
+    return Run(first_token - start, total, tokens, texts, first_callback_s=first[0] - start)
+
+
+def figures(runs: list[Run], batch: int, new_tokens: int) -> dict[str, float]:
+    """Median over repeats of each figure."""
+    ttft = statistics.median(r.ttft_s for r in runs)
+    total = statistics.median(r.total_s for r in runs)
+    decode = statistics.median((new_tokens - 1) / max(r.total_s - r.ttft_s, 1e-9) for r in runs) if new_tokens > 1 else None
+    return {
+        "ttft_s": ttft,
+        "total_s": total,
+        "tok_s_per_seq": new_tokens / total,
+        "decode_tok_s_per_seq": decode,
+        "total_tok_s": batch * new_tokens / total,
+        "repeats": len(runs),
+        **({"first_callback_s": statistics.median(r.first_callback_s for r in runs)}
+           if all(r.first_callback_s is not None for r in runs) else {}),
+    }
+
+
+def outputs_equal(a: Run, b: Run) -> bool:
+    if a.tokens and b.tokens:
+        return a.tokens == b.tokens
+    return a.texts == b.texts
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+def parse_size(value: str) -> tuple[int, int] | None:
+    if value.lower() in ("none", "0", ""):
+        return None
+    w, h = (int(v) for v in value.lower().split("x"))
+    return w, h
+
+
+def run_levels(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+    size = parse_size(args.image_size)
+    levels = []
+    for b in [int(v) for v in args.batch_sizes.split(",") if v.strip()]:
+        t0 = time.perf_counter()
+        batch = make_requests(engine, b, size, args.prompt, args.new_tokens, args.seed)
+        prepare_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            warm = min(args.new_tokens, 2)
+            run_baseline(engine, batch, warm)
+            run_engine(engine, with_tokens(batch, warm))
+        base_runs, engine_runs = [], []
+        for _ in range(args.repeats):
+            base_runs.append(run_baseline(engine, batch, args.new_tokens))
+            engine_runs.append(run_engine(engine, batch))
+        base, eng = figures(base_runs, b, args.new_tokens), figures(engine_runs, b, args.new_tokens)
+        equal = outputs_equal(base_runs[-1], engine_runs[-1])
+        level = {
+            "batch_size": b,
+            "prompt_tokens": [r.prompt_tokens for r in batch],
+            "image_tokens": batch[0].image_tokens,
+            "prepare_s": prepare_s,
+            "baseline": base,
+            "engine": eng,
+            "ratio_engine_over_baseline": {
+                "total_tok_s": eng["total_tok_s"] / base["total_tok_s"],
+                "ttft": eng["ttft_s"] / base["ttft_s"],
+            },
+            "outputs_equal": equal,
+            "compared": "token ids" if base_runs[-1].tokens and engine_runs[-1].tokens else "text",
+        }
+        levels.append(level)
+        print_level(level, args.new_tokens)
+    return {"levels": levels, "outputs_equal": all(lv["outputs_equal"] for lv in levels)}
+
+
+_HEADER = (f"{'B':>4} {'path':<9}{'TTFT s':>9}{'wall s':>9}{'tok/s/seq':>11}{'decode tok/s/seq':>18}"
+           f"{'total tok/s':>13}{'ratio':>8}  equal")
+
+
+def print_level(level: dict[str, Any], new_tokens: int) -> None:
+    def row(name: str, f: dict, ratio: str = "", equal: str = "") -> str:
+        decode = "-" if f["decode_tok_s_per_seq"] is None else f"{f['decode_tok_s_per_seq']:.1f}"
+        return (f"{level['batch_size']:>4} {name:<9}{f['ttft_s']:>9.3f}{f['total_s']:>9.3f}{f['tok_s_per_seq']:>11.1f}"
+                f"{decode:>18}{f['total_tok_s']:>13.1f}{ratio:>8}  {equal}")
+
+    ratio = level["ratio_engine_over_baseline"]["total_tok_s"]
+    print(row("baseline", level["baseline"]), flush=True)
+    print(row("engine", level["engine"], f"{ratio:.2f}x", "yes" if level["outputs_equal"] else "NO"), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="configs/models/demo.yaml", help="a model YAML, checkpoint dir or hub id")
+    parser.add_argument("--random-glm46v-shape", action="store_true",
+                        help="a GLM-4.6V-Flash-shaped model with random weights instead of --model")
+    parser.add_argument("--tiny", action="store_true", help="with --random-glm46v-shape: hfbase.py's CPU size")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
+    parser.add_argument("--dtype", default=None, choices=["auto", *_DTYPES])
+    parser.add_argument("--batch-sizes", default="1,8,32", help="concurrency levels, comma-separated")
+    parser.add_argument("--new-tokens", "--output-tokens", dest="new_tokens", type=int, default=128)
+    parser.add_argument("--image-size", default="448x448", help="WxH of each row's image; 'none' for text only")
+    parser.add_argument("--prompt", default="Describe this image in detail.")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per level and path (2 tokens)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per level and path (median reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 1:
+        parser.error("--new-tokens must be at least 1")
+    if args.tiny and not args.random_glm46v_shape:
+        parser.error("--tiny goes with --random-glm46v-shape")
+
+    t0 = time.perf_counter()
+    engine = load_engine(args)
+    load_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in engine.model.parameters())
+    gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
+    print(f"model {engine.settings.id} ({params / 1e9:.3f}B parameters, {engine.model.dtype}) on "
+          f"{gpu or engine.device} | torch {torch.__version__} | load {load_s:.1f}s | image {args.image_size} "
+          f"| {args.new_tokens} new tokens | prompt {args.prompt!r}", flush=True)
+    print(_HEADER, flush=True)
+    result = run_levels(engine, args)
+    print("greedy outputs of engine == generate(): " + ("yes, at every level" if result["outputs_equal"] else "NO"))
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "model": engine.settings.id,
+        "parameters": params,
+        "dtype": str(engine.model.dtype),
+        "device": gpu or str(engine.device),
+        "torch": torch.__version__,
+        "load_s": load_s,
+        "new_tokens": args.new_tokens,
+        "image_size": args.image_size,
+        "prompt": args.prompt,
+        **result,
+    }
+    if engine.device.type == "cuda":
+        report["peak_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"written to {args.json}")
+    return 0 if result["outputs_equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
