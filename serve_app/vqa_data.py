@@ -12,12 +12,14 @@ train, validation and test splits never share a random stream.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -428,3 +430,27 @@ def vocabulary_corpus() -> list[str]:
     for digit in range(10):
         lines.append(f"The digit is {digit}. 写的是{digit}。")
     return lines
+
+
+def write_web_samples(out_dir: str | Path, n: int = 6) -> list[dict[str, str]]:
+    """A few held-out samples, one per question type and language, for the chat page to offer.
+
+    Writes PNGs and `index.json` (the page's format: file, title, prompt) to `out_dir`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    picked: list[VQASample] = []
+    seen: set[tuple[str, str]] = set()
+    for sample in generate("test", 200):
+        if (sample.question_type, sample.lang) not in seen:
+            seen.add((sample.question_type, sample.lang))
+            picked.append(sample)
+        if len(picked) == n:
+            break
+    index = []
+    for i, sample in enumerate(picked, 1):
+        name = f"sample-{i}-{sample.question_type}-{sample.lang}.png"
+        sample.image.save(out / name, optimize=True)
+        index.append({"file": name, "title": f"{sample.question_type} ({sample.lang})", "prompt": sample.question})
+    (out / "index.json").write_text(json.dumps({"samples": index}, ensure_ascii=False, indent=2) + "\n")
+    return index

@@ -165,3 +165,20 @@ def test_demo_tokenizer_keeps_prompts_compact() -> None:
         assert len(tokenizer(line, add_special_tokens=False)["input_ids"]) <= 16, line
     for s in generate("test", 50):
         assert len(tokenizer(s.answer, add_special_tokens=False)["input_ids"]) <= 8, s.answer
+
+
+def test_the_pages_sample_images_are_the_generators(tmp_path) -> None:
+    """serve_app/static/samples is what write_web_samples makes (regenerate it after changing the set)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image, ImageChops
+
+    from serve_app.vqa_data import write_web_samples
+
+    shipped = Path(__file__).resolve().parent.parent / "serve_app" / "static" / "samples"
+    index = write_web_samples(tmp_path)
+    assert json.loads((shipped / "index.json").read_text())["samples"] == index
+    for entry in index:
+        ours, theirs = Image.open(tmp_path / entry["file"]), Image.open(shipped / entry["file"])
+        assert ImageChops.difference(ours.convert("RGB"), theirs.convert("RGB")).getbbox() is None

@@ -191,7 +191,7 @@ def test_page_loads_with_models_and_labelled_controls(chat: ChatPage, server: Se
     assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == served
     assert page.input_value("#model") == served[0]
     expect(page.locator("#empty")).to_be_visible()
-    expect(page.locator("#samples")).to_be_hidden()  # no static/samples/index.json yet: tolerated
+    expect(page.locator("#samples")).to_be_visible()  # the generator's samples ship with the page
     expect(page.locator("#stop")).to_be_hidden()
 
     # Every control has an accessible name (a <label>, aria-label or its own text).
@@ -214,7 +214,7 @@ def test_page_loads_with_models_and_labelled_controls(chat: ChatPage, server: Se
     assert page.request.get("/static/style.css").headers["content-type"].startswith("text/css")
     assert page.request.get("/static/nope.js").status == 404
     assert page.request.get("/static/%2e%2e/web.py").status == 404
-    assert page.request.get("/static/samples/index.json").status == 404
+    assert page.request.get("/static/samples/index.json").status == 200
 
 
 def test_picked_image_streams_an_answer_and_the_follow_up_carries_the_history(chat: ChatPage) -> None:
@@ -485,22 +485,15 @@ def test_model_html_is_shown_as_text_with_line_breaks_and_code_blocks(chat: Chat
     assert 'let a = "&lt;b&gt;";' in html
 
 
-def test_sample_images_are_offered_when_the_generator_provides_them(chat: ChatPage) -> None:
+def test_sample_images_from_the_generator_are_offered(chat: ChatPage) -> None:
     page = chat.page
-    index = [{"file": "red.png", "title": "A red square", "prompt": "What colour is this?"}]
-    page.route("**/static/samples/index.json", lambda r: r.fulfill(status=200, json=index))
-    page.route(
-        "**/static/samples/red.png",
-        lambda r: r.fulfill(status=200, body=png_bytes(), headers={"Content-Type": "image/png"}),
-    )
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
-    sample = page.get_by_role("button", name=re.compile("Attach sample image: A red square"))
+    first = json.loads((ROOT / "serve_app" / "static" / "samples" / "index.json").read_text())["samples"][0]
+    sample = page.get_by_role("button", name=re.compile(f"Attach sample image: {re.escape(first['title'])}"))
     expect(sample).to_be_visible()
     chat.shot("07-samples")
     sample.click()
     expect(page.locator(".attachment")).to_have_count(1)
-    expect(page.locator("#prompt")).to_have_value("What colour is this?")
+    expect(page.locator("#prompt")).to_have_value(first["prompt"])
 
 
 def test_phone_width(browser: Any, server: ServeProcess) -> None:
