@@ -32,7 +32,6 @@ from serve_app.errors import (
     unwrap,
 )
 from serve_app.metrics import CountRequests, IngressMetrics
-from serve_app.ratelimit_headers import RATE_LIMIT_HEADERS, ratelimit_headers
 from serve_app.protocol import (
     ChatCompletion,
     ChatCompletionMessage,
@@ -43,10 +42,11 @@ from serve_app.protocol import (
     ModelList,
     completion_id,
 )
+from serve_app.ratelimit_headers import RATE_LIMIT_HEADERS, ratelimit_headers
 from serve_app.settings import IngressSettings, ModelSettings
 from serve_app.sse import chat_completion_events
-from serve_app.web import router as web_router
 from serve_app.stage_types import GenerationChunk, GenerationRequest, ImageInput, PreprocessedImage, RateDecision
+from serve_app.web import router as web_router
 
 logger = logging.getLogger("ray.serve")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from serve_app.stage_types import LimitState, RateDecision
 
-
 RATE_LIMIT_HEADERS = [
     f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
 ]

@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.serving import ServeProcess, free_port, start_server, config_for_tests
+from tests.serving import ServeProcess, config_for_tests, free_port, start_server
 
 MODEL = "glm-4v-flash-web"  # the seed article's name, an alias of the demo model
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import MODEL, ImageServer, data_url, png_bytes
-from tests.serving import ServeProcess, free_port, start_server, config_for_tests
+from tests.serving import ServeProcess, config_for_tests, free_port, start_server
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 from PIL import Image
 from transformers import AutoImageProcessor
@@ -10,7 +9,14 @@ from transformers import AutoImageProcessor
 from deployments.engine import Engine, _Detokenizer
 from serve_app.demo_model import make_demo_model
 from serve_app.settings import ModelSettings
-from serve_app.stage_types import GenerationRequest, ImagePart, PreprocessedImage, PromptMessage, SamplingParams, TextPart
+from serve_app.stage_types import (
+    GenerationRequest,
+    ImagePart,
+    PreprocessedImage,
+    PromptMessage,
+    SamplingParams,
+    TextPart,
+)
 
 
 @pytest.fixture(scope="module")
