@@ -64,6 +64,8 @@ StepCallback = Callable[[list[GenerationChunk | None]], None]
 class Engine:
     """Prompts in, streamed text out, over a model and processor already in memory."""
 
+    continuous = False  # runs each batch to its end (ContinuousEngine: requests join and leave per step)
+
     def __init__(self, settings: ModelSettings, model, processor, device: torch.device) -> None:
         self.settings = settings
         self.device = device
@@ -192,7 +194,8 @@ class Engine:
         """One tiny forward pass: raises if the model can no longer run (e.g. a broken device)."""
         self.model(input_ids=torch.tensor([[self.pad_token_id]], device=self.device))
 
-    def _collate(self, batch: list[PreparedRequest]) -> dict[str, torch.Tensor]:
+    def _collate(self, batch: list[PreparedRequest], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs for `batch`, on `device` (default: the model's)."""
         width = max(r.prompt_tokens for r in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -210,7 +213,7 @@ class Engine:
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.model.dtype)
             inputs["image_grid_thw"] = torch.tensor([g for r in batch for g in r.image_grid_thw])
-        return {k: v.to(self.device) for k, v in inputs.items()}
+        return {k: v.to(device or self.device) for k, v in inputs.items()}
 
 
 class _Detokenizer:
@@ -277,6 +280,26 @@ class _RowState:
         self.done = True
         return self.chunk(self.detokenizer.flush(), reason)
 
+    def advance(self, token: int, eos_ids: set[int]) -> GenerationChunk | None:
+        """Take the row's next sampled token: the text it makes safe to send, and whether it ends
+        the row (end of sequence, a stop sequence, max_tokens, or the client went away). Both
+        engines call this once per step and row, so their stop semantics cannot drift apart."""
+        if self.request.cancelled:
+            self.done = True
+            logger.info("Dropped a cancelled request from its batch after %d tokens", self.generated)
+            return None
+        if token in eos_ids and not self.request.sampling.ignore_eos:
+            return self.finish("stop")
+        self.generated += 1
+        text, stopped = self.detokenizer.add(token)
+        if stopped:
+            self.done = True
+            return self.chunk(text, "stop")
+        if self.generated >= self.request.max_tokens:
+            self.done = True
+            return self.chunk(text + self.detokenizer.flush(), "length")
+        return self.chunk(text) if text else None
+
 
 class _RowSampler(LogitsProcessor):
     """Samples each row with its own parameters; returns scores whose argmax is the sampled token."""
@@ -337,24 +360,7 @@ class _RowStepper(StoppingCriteria):
         new_tokens = input_ids[:, -1].tolist()
         chunks: list[GenerationChunk | None] = []
         for row, token in zip(self._rows, new_tokens):
-            chunks.append(None if row.done else self._advance(row, token))
+            chunks.append(None if row.done else row.advance(token, self._eos))
         if any(chunks):
             self._on_step(chunks)
         return torch.tensor([row.done for row in self._rows], device=input_ids.device)
-
-    def _advance(self, row: _RowState, token: int) -> GenerationChunk | None:
-        if row.request.cancelled:
-            row.done = True
-            logger.info("Dropped a cancelled request from its batch after %d tokens", row.generated)
-            return None
-        if token in self._eos and not row.request.sampling.ignore_eos:
-            return row.finish("stop")
-        row.generated += 1
-        text, stopped = row.detokenizer.add(token)
-        if stopped:
-            row.done = True
-            return row.chunk(text, "stop")
-        if row.generated >= row.request.max_tokens:
-            row.done = True
-            return row.chunk(text + row.detokenizer.flush(), "length")
-        return row.chunk(text) if text else None

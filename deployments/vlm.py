@@ -1,7 +1,13 @@
 """VLMServer: the vision encoder and language model, batching concurrent requests.
 
-Concurrent `generate` calls are gathered by `@serve.batch` into one engine batch; every request gets
-its own stream back through `handle.options(stream=True)`, fed step by step while the batch runs.
+Concurrent `generate` calls are gathered by `@serve.batch`; every request gets its own stream back
+through `handle.options(stream=True)`, fed step by step. What a gathered batch becomes depends on
+the engine (`ModelSettings.engine`):
+- the continuous engine (deployments/continuous): the batch is handed to the engine's running loop,
+  where its requests join the sequences already decoding at the next step, and `@serve.batch`
+  returns at once, free to gather the next arrivals;
+- the generate() engine: the batch runs through one `generate()` call on a one-thread executor, and
+  the next batch is gathered while it runs.
 """
 
 from __future__ import annotations
@@ -10,13 +16,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ray import serve
 
 from deployments.admission import AdmissionBudget, Cost
-from deployments.engine import Engine, PreparedRequest
+from deployments.continuous import load_engine
+from deployments.engine import PreparedRequest
 from serve_app.metrics import VLMMetrics
 from serve_app.settings import BatchSettings, ModelSettings
 from serve_app.stage_types import GenerationChunk, GenerationRequest
@@ -44,8 +51,9 @@ class ModelInfo:
 )
 class VLMServer:
     def __init__(self, model_settings: ModelSettings, batching: BatchSettings | None = None) -> None:
-        self._engine = Engine.load(model_settings)
-        # One thread: the model runs one batch at a time, off the event loop that feeds the streams.
+        self._engine = load_engine(model_settings)
+        # One thread: generate() runs one batch at a time, off the event loop that feeds the streams
+        # (the continuous engine has its own thread; this one then only runs health probes).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._metrics = VLMMetrics()
         self._in_flight = 0
@@ -58,8 +66,9 @@ class VLMServer:
         self._stall_timeout_s = settings.stall_timeout_s
         self._admission_timeout_s = settings.admission_timeout_s
         self._budget.resize(settings.token_budget, settings.max_images_in_flight)
-        self._generate_batch.set_max_batch_size(settings.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        for gather in (self._generate_batch, self._admit_batch):
+            gather.set_max_batch_size(settings.max_batch_size)
+            gather.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         logger.info("Batching: max_batch_size=%d wait=%.3fs", settings.max_batch_size, settings.batch_wait_timeout_s)
 
     async def model_info(self) -> ModelInfo:
@@ -76,7 +85,8 @@ class VLMServer:
         self._in_flight += 1
         self._metrics.queue_depth.set(self._in_flight)
         try:
-            async for chunk in self._generate_batch(prepared):
+            chunks = self._stream_continuous(prepared) if self._engine.continuous else self._generate_batch(prepared)
+            async for chunk in chunks:
                 if chunk is None:
                     continue
                 yield chunk
@@ -117,6 +127,38 @@ class VLMServer:
                     finished[i] = chunk is not None and chunk.finish_reason is not None
             yield out
         await run  # re-raises an engine failure to every request of the batch
+
+    async def _stream_continuous(self, prepared: PreparedRequest) -> AsyncIterator[GenerationChunk]:
+        """One request's chunks from the continuous engine; its error, if the engine fails it."""
+        stream = await self._admit_batch(prepared)
+        while (item := await stream.get()) is not _BATCH_DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _admit_batch(self, batch: list[PreparedRequest]) -> list[asyncio.Queue]:
+        """Hands a gathered batch to the continuous engine's loop; returns each request's stream."""
+        logger.info("Admitting a batch: batch_size=%d (live sequences: %d)", len(batch), self._engine.live)
+        self._metrics.batch_size.observe(len(batch))
+        loop = asyncio.get_running_loop()
+        streams: list[asyncio.Queue] = [asyncio.Queue() for _ in batch]
+
+        def deliver(chunks: list[GenerationChunk | None]) -> None:
+            for stream, chunk in zip(streams, chunks):
+                if chunk is not None:
+                    stream.put_nowait(chunk)
+
+        def close(done: Future) -> None:
+            # After every chunk: the engine calls on_step before it completes the future, and
+            # call_soon_threadsafe keeps that order.
+            end = done.exception() or _BATCH_DONE
+            for stream in streams:
+                stream.put_nowait(end)
+
+        future = self._engine.submit(batch, lambda chunks: loop.call_soon_threadsafe(deliver, chunks))
+        future.add_done_callback(lambda done: loop.call_soon_threadsafe(close, done))
+        return streams
 
     async def check_health(self) -> None:
         """Healthy when a running batch keeps stepping, or when an idle model can run a forward pass."""

@@ -89,6 +89,47 @@ class QuantizationSettings(_Settings):
     )
 
 
+EngineKind = Literal["auto", "generate", "continuous"]
+
+
+class ContinuousEngineSettings(_Settings):
+    """The continuous-batching engine (deployments/continuous): slots, buckets, CUDA graphs."""
+
+    max_slots: int = Field(
+        32, ge=1, le=1024,
+        description="Sequences decoding at once (KV cache slots, each max_model_len long); later arrivals "
+        "wait for a free slot.",
+    )
+    batch_buckets: list[int] = Field(
+        [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        description="Decode batch sizes with their own CUDA graph; a step runs at the smallest bucket that "
+        "holds every active sequence (capped at max_slots).",
+    )
+    min_length_bucket: int = Field(
+        256, ge=16,
+        description="Attention reads the cache up to the next power of two of the longest sequence, never less.",
+    )
+    max_prefill_tokens: int = Field(
+        8192, ge=16,
+        description="Prompt tokens (padded) prefilled in one forward pass; arrivals beyond wait one step.",
+    )
+    cuda_graphs: bool = Field(False, description="Capture decode steps in CUDA graphs (CUDA only).")
+    compile: bool = Field(False, description="torch.compile the decode step (CUDA only; then captured if cuda_graphs).")
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode for the decode step.")
+    warmup_max_len: int = Field(
+        1024, ge=0,
+        description="With cuda_graphs, graphs for cache lengths up to this are captured at load; longer ones "
+        "on first use (which pauses decoding while they are made).",
+    )
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets_sorted(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("batch_buckets must be positive sizes")
+        return sorted(set(value))
+
+
 class ModelSettings(_Settings):
     """What to serve: one YAML file in `configs/models/` per model."""
 
@@ -105,6 +146,12 @@ class ModelSettings(_Settings):
     owned_by: str = "vlm-serve"
     system_prompt: str | None = Field(None, description="Prepended when a request has no system turn.")
     quantization: QuantizationSettings = QuantizationSettings()
+    engine: EngineKind = Field(
+        "auto",
+        description="'continuous': iteration-level batching over a slot KV cache (GLM-4V text decoders); "
+        "'generate': one transformers generate() per batch; 'auto': continuous where supported.",
+    )
+    continuous: ContinuousEngineSettings = ContinuousEngineSettings()
 
     @property
     def names(self) -> list[str]:

@@ -1,0 +1,409 @@
+"""ContinuousEngine: iteration-level batching over a slot KV cache, driven by one engine thread.
+
+Where `Engine.generate_batch` runs a batch through one `generate()` call (arrivals wait for the
+whole batch to end; finished rows keep their place), this engine keeps up to `max_slots`
+sequences in a preallocated cache and runs one loop on its own thread. Each iteration:
+1. admits waiting requests into free slots: one HF forward pass over the new prompts (vision
+   encoder once per image), their keys/values copied into their slots, first tokens sampled;
+2. launches one decode step for every live sequence (a CUDA graph replay on a GPU, when enabled);
+3. while that step runs on the device, reads the tokens of the previous step (the one host-device
+   synchronisation per step), detokenizes them and streams the text (`_RowState.advance`: the
+   same stop / max_tokens / min_tokens / cancellation rules as the generate path);
+4. frees the slots of sequences that finished or whose client went away, moving the last live
+   sequence into each hole so the live ones stay in slots 0..n-1.
+A request that arrives while others decode therefore starts at the next iteration, and a finished
+one leaves at once. Because step N+1 is launched before step N's tokens are read, a sequence that
+ends at step N computes one extra token, which is dropped.
+
+Requests arrive as groups (`submit`, one group per `@serve.batch` call, with a callback that gets
+one entry per request, as `generate_batch`'s does); a group's future completes when all its
+requests are done, or fails with the engine's error.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deployments import engine as base
+from deployments.continuous.decoder import Glm4vDecoder, Prefill, unsupported_reason
+from deployments.continuous.graphs import StepRunner
+from deployments.continuous.sampling import RowParams, sample
+from deployments.continuous.slots import SlotKVCache, SlotState
+from deployments.engine import Engine, PreparedRequest, StepCallback
+from serve_app.stage_types import GenerationChunk
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(eq=False)
+class _Group:
+    """One `submit` call: its callback and its future."""
+
+    on_step: StepCallback
+    future: Future
+    rows: list[_SlotRow] = field(default_factory=list)
+    open_rows: int = 0
+    failed: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(eq=False)
+class _SlotRow(base._RowState):
+    group: _Group | None = None
+    index: int = 0  # position in its group (where its chunks go in the callback's list)
+    cache_len: int = 0  # tokens in its slot once every launched step has run
+    closed: bool = False  # counted off its group
+
+
+@dataclass(eq=False)
+class _Pending:
+    """Tokens on their way to the host: output i belongs to rows[i]."""
+
+    rows: list[_SlotRow]
+    tokens: torch.Tensor  # on the host (pinned on CUDA), filled when `ready` has passed
+    ready: Any = None  # torch.cuda.Event, None on the CPU
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
+
+
+class ContinuousEngine(Engine):
+    """The generate path's interface (prepare, generate_batch, probe, busy) on the continuous loop."""
+
+    continuous = True
+
+    def __init__(self, settings, model, processor, device: torch.device) -> None:
+        super().__init__(settings, model, processor, device)
+        reason = unsupported_reason(model, settings.quantization.kv_cache)
+        if reason is not None:
+            raise ValueError(f"The continuous engine cannot run this model: {reason}")
+        self.options = settings.continuous
+        self.slots = self.options.max_slots
+        text = model.config.get_text_config(decoder=True)
+        attention = model.model.language_model.layers[0].self_attn
+        self.cache = SlotKVCache(text.num_hidden_layers, self.slots, attention.num_key_value_heads,
+                                 settings.max_model_len, attention.head_dim, model.dtype, device)
+        self.state = SlotState(self.slots, device)
+        self.decoder = Glm4vDecoder(model, self.cache, self.state, self.eos_token_ids, device)
+        self.runner = StepRunner(self.decoder, self.options, device)
+        self.buckets = sorted({b for b in self.options.batch_buckets if b < self.slots} | {self.slots})
+        self.decode_steps = 0  # read by benchmarks: decode steps launched so far
+        self._live: list[_SlotRow] = []  # index = slot
+        self._waiting: deque[_SlotRow] = deque()
+        self._pending: deque[_Pending] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._seeds = random.Random()
+        self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
+        self._thread.start()
+        logger.info("Continuous engine: %d slots x %d tokens (KV cache %.2f GiB), buckets %s, cuda_graphs=%s, "
+                    "compile=%s", self.slots, self.cache.max_len, self.cache.bytes() / 2**30, self.buckets,
+                    self.runner.use_graphs, self.runner.compiled)
+        if self.runner.use_graphs:
+            self.call(self._warmup)
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> ContinuousEngine:
+        """The continuous engine over an already loaded generate-path engine's model."""
+        return cls(engine.settings, engine.model, engine.processor, engine.device)
+
+    # ---- the interface the server and benchmarks use ------------------------------------------
+
+    def submit(self, batch: list[PreparedRequest], on_step: StepCallback) -> Future:
+        """Queue `batch`; `on_step` gets each iteration's new chunks (one entry per request, None:
+        nothing new) from the engine thread. The future completes when every request is done."""
+        group = _Group(on_step, Future(), open_rows=len(batch))
+        # The detokenizer class is looked up on the module at call time, so benchmarks can observe it.
+        rows = [_SlotRow(request, base._Detokenizer(self.tokenizer, request.sampling.stop), group=group, index=i)
+                for i, request in enumerate(batch)]
+        group.rows = rows
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if not self.busy:
+                self.last_step_at = time.monotonic()
+            self._waiting.extend(rows)
+            self.busy = True
+            self._wake.notify()
+        if not rows:
+            group.future.set_result(None)
+        return group.future
+
+    def generate_batch(self, batch: list[PreparedRequest], on_step: StepCallback) -> None:
+        """Run `batch` to completion (blocking), as `Engine.generate_batch` does."""
+        self.submit(batch, on_step).result()
+
+    def probe(self) -> None:
+        """One tiny forward pass, on the engine thread (so never concurrently with a step)."""
+        self.call(super().probe)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between iterations and return its result (blocking)."""
+        future: Future = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._jobs.append((fn, future))
+            self._wake.notify()
+        return future.result()
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still queued fail)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not (self._closed or self._jobs or self._waiting or self._live or self._pending):
+                        self.busy = False
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    jobs, self._jobs = list(self._jobs), deque()
+                for fn, future in jobs:
+                    self._run_job(fn, future)
+                try:
+                    self._iterate()
+                except Exception as error:  # a broken step: every request in flight fails with it
+                    logger.exception("The continuous engine failed a step")
+                    self._fail_all(error)
+        self._fail_all(RuntimeError("the engine was closed"))
+
+    @staticmethod
+    def _run_job(fn: Callable[[], Any], future: Future) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            future.set_exception(error)
+
+    def _iterate(self) -> None:
+        self._admit()
+        launched = self._launch()
+        # Everything before the step just launched is read now, while that step runs.
+        while len(self._pending) > (1 if launched else 0):
+            self._process(self._pending.popleft())
+        self._release_finished()
+        self.last_step_at = time.monotonic()
+        with self._wake:
+            self.busy = bool(self._waiting or self._live or self._pending)
+
+    # ---- admission and prefill ------------------------------------------------------------------
+
+    def _take_arrivals(self) -> list[_SlotRow]:
+        """Waiting rows that fit the free slots and the prefill budget (at least one), oldest first."""
+        taken: list[_SlotRow] = []
+        width = 0
+        with self._wake:
+            while self._waiting and len(self._live) + len(taken) < self.slots:
+                row = self._waiting[0]
+                if row.done or row.request.cancelled:
+                    self._waiting.popleft()
+                    if not row.done:
+                        logger.info("Dropped a cancelled request from its batch after 0 tokens")
+                    self._row_done(row)
+                    continue
+                wider = max(width, row.request.prompt_tokens)
+                if taken and wider * (len(taken) + 1) > self.options.max_prefill_tokens:
+                    break
+                width = wider
+                taken.append(self._waiting.popleft())
+        return taken
+
+    def _admit(self) -> None:
+        arrivals = self._take_arrivals()
+        if not arrivals:
+            return
+        try:
+            prefill = self.decoder.prefill(self._collate([r.request for r in arrivals], torch.device("cpu")), self.device)
+        except Exception as error:  # a prompt the model refused: only its groups fail
+            logger.exception("Prefill failed for %d requests", len(arrivals))
+            for group in {row.group for row in arrivals}:
+                self._fail_group(group, error)
+            for row in arrivals:
+                self._row_done(row)
+            return
+        first_slot = len(self._live)
+        for j, row in enumerate(arrivals):
+            slot = first_slot + j
+            n = row.request.prompt_tokens
+            self.cache.load_prompt(slot, [k[j, :, -n:] for k in prefill.keys], [v[j, :, -n:] for v in prefill.values])
+            row.cache_len = n
+            self._live.append(row)
+        self._pending.append(self._start_rows(arrivals, first_slot, prefill))
+
+    def _start_rows(self, rows: list[_SlotRow], first_slot: int, prefill: Prefill) -> _Pending:
+        """Fill the new slots' state and sample each prompt's first token (on the device)."""
+        slots = torch.arange(first_slot, first_slot + len(rows), device=self.device)
+        params = [r.request.sampling for r in rows]
+        seeds = [p.seed if p.seed is not None else self._seeds.getrandbits(32) for p in params]
+        longs = self._to_device([
+            [r.cache_len for r in rows], prefill.rope_deltas, [p.min_tokens for p in params],
+            [int(p.ignore_eos) for p in params], [s & 0xFFFFFFFF for s in seeds],
+        ], torch.long)
+        floats = self._to_device([[p.temperature for p in params], [p.top_p for p in params]], torch.float32)
+        s = self.state
+        for target, values in zip((s.length, s.rope_delta, s.min_tokens, s.seed), (longs[0], longs[1], longs[2], longs[4])):
+            target.index_copy_(0, slots, values)
+        s.ignore_eos.index_copy_(0, slots, longs[3].bool())
+        s.temperature.index_copy_(0, slots, floats[0])
+        s.top_p.index_copy_(0, slots, floats[1])
+        zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        row_params = RowParams(temperature=floats[0], top_p=floats[1], seed=longs[4], counter=zero,
+                               suppress_eos=longs[3].bool() | (zero < longs[2]))
+        first = sample(prefill.logits, row_params, self.decoder.eos_mask, any(not p.greedy for p in params))
+        s.last_token.index_copy_(0, slots, first)
+        s.generated.index_copy_(0, slots, zero + 1)
+        s.active.index_fill_(0, slots, True)
+        return self._to_host(list(rows), first)
+
+    def _to_device(self, rows: list[list[float]], dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(rows, dtype=dtype)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
+    def _to_host(self, rows: list[_SlotRow], tokens: torch.Tensor) -> _Pending:
+        if self.device.type != "cuda":
+            return _Pending(rows, tokens.clone())
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Pending(rows, host, ready)
+
+    # ---- decoding ---------------------------------------------------------------------------------
+
+    def _launch(self) -> _Pending | None:
+        """Launch one decode step over every live slot; its tokens are read by a later `_process`."""
+        live = len(self._live)
+        if live == 0:
+            return None
+        rows = next(b for b in self.buckets if b >= live)
+        needed = max(row.cache_len for row in self._live) + 1
+        span = min(self.cache.max_len, max(self.options.min_length_bucket, 1 << (needed - 1).bit_length()))
+        sampled = any(not row.request.sampling.greedy for row in self._live)
+        self.runner.run((rows, span, sampled))
+        self.decode_steps += 1
+        for row in self._live:
+            row.cache_len += 1
+        pending = self._to_host(list(self._live), self.state.next_token[:live])
+        self._pending.append(pending)
+        return pending
+
+    def _process(self, pending: _Pending) -> None:
+        """Stream one step's tokens: advance each live row, call each group's callback once."""
+        tokens = pending.read()
+        out: dict[_Group, list[GenerationChunk | None]] = {}
+        ended: list[_SlotRow] = []
+        for row, token in zip(pending.rows, tokens):
+            if row.done:
+                continue  # finished earlier: this was the extra step launched before we knew
+            chunk = row.advance(token, self.eos_token_ids)
+            if chunk is not None:
+                out.setdefault(row.group, [None] * row.group.size)[row.index] = chunk
+            if row.done:
+                ended.append(row)
+        for group, chunks in out.items():
+            self._emit(group, chunks)
+        for row in ended:
+            self._row_done(row)
+
+    def _emit(self, group: _Group, chunks: list[GenerationChunk | None]) -> None:
+        if group.failed:
+            return
+        try:
+            group.on_step(chunks)
+        except Exception:  # a consumer's error must not stop the others' decoding
+            logger.exception("A step callback failed")
+
+    def _release_finished(self) -> None:
+        """Free finished slots, keeping the live ones in slots 0..n-1."""
+        for slot in reversed(range(len(self._live))):
+            if self._live[slot].done:
+                self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        last = len(self._live) - 1
+        if slot != last:
+            mover = self._live[last]
+            # The launched steps have written up to cache_len positions of the mover's slot.
+            self.cache.move(last, slot, min(mover.cache_len, self.cache.max_len))
+            self.state.move(last, slot)
+            self._live[slot] = mover
+        self._live.pop()
+        self.state.clear(last)
+
+    # ---- completion and failure ----------------------------------------------------------------
+
+    def _row_done(self, row: _SlotRow) -> None:
+        """Count a finished row off its group (once); the last one completes the group's future."""
+        row.done = True
+        if row.closed:
+            return
+        row.closed = True
+        group = row.group
+        group.open_rows -= 1
+        if group.open_rows == 0 and not group.future.done():
+            group.future.set_result(None)
+
+    def _fail_group(self, group: _Group, error: BaseException) -> None:
+        """Fail the group's future; its rows stop (live ones are freed at the end of the iteration)."""
+        if not group.future.done():
+            group.future.set_exception(error)
+        group.failed = True
+        for row in group.rows:
+            row.done = True
+
+    def _fail_all(self, error: BaseException) -> None:
+        """After a failed step nothing on the device can be trusted: end every request in flight."""
+        with self._wake:
+            rows = [*self._live, *self._waiting]
+            self._waiting.clear()
+            jobs, self._jobs = list(self._jobs), deque()
+        for row in rows:
+            self._fail_group(row.group, error)
+            row.done = True
+        self._live.clear()
+        self._pending.clear()
+        for _, future in jobs:
+            future.set_exception(error)
+        try:
+            self.state.active.zero_()
+            self.state.length.zero_()
+        except Exception:  # the device itself may be gone
+            logger.exception("Could not reset the slot state")
+
+    def _warmup(self) -> None:
+        spans, span = [], self.options.min_length_bucket
+        while span <= min(self.options.warmup_max_len, self.cache.max_len):
+            spans.append(span)
+            span *= 2
+        started = time.monotonic()
+        self.runner.warmup(self.buckets, spans)
+        logger.info("Captured %d decode graphs in %.1fs", self.runner.captured, time.monotonic() - started)

@@ -1,0 +1,74 @@
+"""Sampling every row of a decode step at once, on the device, without host synchronisation.
+
+`engine._RowSampler` samples row by row with `torch.multinomial` and a `torch.Generator` per row:
+a loop on the host, and a generator's state lives outside any CUDA graph. Here all rows are
+sampled by one set of tensor operations whose randomness is a pure function of (row seed, index
+of the token in the row's output, token id):
+
+- greedy rows take the argmax (after end-of-sequence suppression), exactly as the generate path;
+- sampled rows draw with the exponential race: argmax(p_i / E_i), E_i ~ Exp(1) i.i.d., picks token
+  i with probability p_i (the Gumbel-max trick in another form), so it needs only uniforms;
+- the uniforms come from an integer hash of (seed, counter, token id), so a seeded request gives
+  the same tokens whatever else shares the step, on a CPU or inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31, so every product of a 32-bit value stays below 2**63 (no int64 overflow).
+_MIX = 0x45D9F3B
+_GOLDEN = 0x4F1BBCDD
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Mueller's), on int64 tensors holding values in [0, 2**32)."""
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    x = (((x >> 16) ^ x) * _MIX) & _MASK32
+    return (x >> 16) ^ x
+
+
+def uniforms(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0, 1) floats of shape [rows, vocab], a function of each row's seed and counter only."""
+    key = mix32(mix32(seed & _MASK32) ^ (counter & _MASK32))  # [rows]
+    ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    bits = mix32((key[:, None] + ids[None, :] * _GOLDEN) & _MASK32)
+    # 24 random bits fill a float32 mantissa; +0.5 keeps the value strictly inside (0, 1).
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class RowParams:
+    """Per-row sampling parameters as device tensors (one entry per row of the logits)."""
+
+    temperature: torch.Tensor  # float32; 0 for greedy rows
+    top_p: torch.Tensor  # float32
+    seed: torch.Tensor  # int64 in [0, 2**32)
+    counter: torch.Tensor  # int64: tokens this row has sampled before this one
+    suppress_eos: torch.Tensor  # bool: min_tokens not reached, or ignore_eos
+
+
+def sample(logits: torch.Tensor, params: RowParams, eos_mask: torch.Tensor, any_sampled: bool) -> torch.Tensor:
+    """Next token per row from `logits` [rows, vocab]. `eos_mask` [vocab] marks end-of-sequence ids.
+
+    `any_sampled=False` (every row greedy) skips the sampling work entirely; it is a Python flag so
+    a compiled or captured step has one variant for each case rather than a branch on the device.
+    """
+    logits = logits.float().masked_fill(params.suppress_eos[:, None] & eos_mask[None, :], float("-inf"))
+    greedy = logits.argmax(dim=-1)
+    if not any_sampled:
+        return greedy
+    is_greedy = params.temperature <= 0
+    temperature = torch.where(is_greedy, torch.ones_like(params.temperature), params.temperature)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest set of tokens whose mass reaches top_p (always at least the first), as
+    # engine._sample does; top_p == 1 keeps everything, including tokens past float rounding.
+    outside = (sorted_probs.cumsum(-1) - sorted_probs >= params.top_p[:, None]) & (params.top_p[:, None] < 1.0)
+    keep = torch.zeros_like(outside).scatter(1, order, ~outside)
+    race = -torch.log(uniforms(params.seed, params.counter, logits.shape[-1]))
+    sampled = torch.where(keep, probs / race, torch.zeros_like(probs)).argmax(dim=-1)
+    return torch.where(is_greedy, greedy, sampled)

@@ -1,0 +1,82 @@
+"""The preallocated KV cache and per-slot decoding state, all on the device.
+
+A slot holds one sequence: its keys and values, how many tokens it has cached, its rotary delta
+and its sampling parameters. Active sequences always occupy slots 0..n-1 (a finished sequence's
+slot is refilled by moving the last one into it), so a decode step over the first B slots covers
+every active sequence, and B can be rounded up to a bucket whose CUDA graph is already captured.
+
+Everything a decode step reads or writes lives in the tensors made here, at fixed addresses, so
+a step captured once in a CUDA graph stays valid for every later replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    """Keys and values per layer, [slots, kv_heads, max_len, head_dim] each, in the model's dtype.
+
+    One tensor per layer and kind (not one big tensor) so the decode step's in-place writes are on
+    whole tensors: torch.compile keeps those in place, where a write into a view of a larger
+    tensor may be turned into a copy of all of it.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.slots, self.max_len = slots, max_len
+        shape = (slots, kv_heads, max_len, head_dim)
+        # Zeros, not empty: inactive rows attend over these, and NaN garbage would make their (ignored)
+        # outputs NaN, which is harmless but noisy in debugging.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        for tensor in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(tensor)
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def load_prompt(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Copy one prompt's keys/values ([kv_heads, n, head_dim] per layer) into `slot`."""
+        for cache_k, cache_v, k, v in zip(self.keys, self.values, keys, values):
+            n = k.shape[-2]
+            cache_k[slot, :, :n].copy_(k)
+            cache_v[slot, :, :n].copy_(v)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot `src` into slot `dst`."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length].copy_(cache[src, :, :length])
+
+
+class SlotState:
+    """Per-slot scalars on the device: what the next decode step needs, and what it updates."""
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+
+        def make(dtype: torch.dtype, fill: float | bool = 0) -> torch.Tensor:
+            tensor = torch.full((slots,), fill, dtype=dtype, device=device)
+            torch._dynamo.mark_static_address(tensor)
+            return tensor
+
+        self.last_token = make(torch.long)  # the input of the next step
+        self.length = make(torch.long)  # tokens in the cache = where the next token's K/V goes
+        self.rope_delta = make(torch.long)  # mrope position = length + rope_delta after the prompt
+        self.generated = make(torch.long)  # tokens sampled so far (min_tokens, the RNG counter)
+        self.active = make(torch.bool, False)
+        self.min_tokens = make(torch.long)
+        self.ignore_eos = make(torch.bool, False)
+        self.temperature = make(torch.float32)
+        self.top_p = make(torch.float32, 1.0)
+        self.seed = make(torch.long)
+        self.next_token = make(torch.long)  # the step's output, read by the host
+        self._all = [self.last_token, self.length, self.rope_delta, self.generated, self.active, self.min_tokens,
+                     self.ignore_eos, self.temperature, self.top_p, self.seed, self.next_token]
+
+    def move(self, src: int, dst: int) -> None:
+        for tensor in self._all:
+            tensor[dst] = tensor[src]
+
+    def clear(self, slot: int) -> None:
+        self.active[slot] = False
+        self.length[slot] = 0
