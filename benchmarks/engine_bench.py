@@ -1,22 +1,32 @@
-"""The model stage alone (no Ray, no HTTP): the engine's `generate_batch` vs plain `generate()`.
+"""The model stage alone (no Ray, no HTTP): the engines vs plain `generate()`.
 
     python benchmarks/engine_bench.py                                   # demo model, CPU-sized
     python benchmarks/engine_bench.py --model configs/models/demo.yaml --batch-sizes 1,2 --new-tokens 4
     python benchmarks/engine_bench.py --random-glm46v-shape --batch-sizes 1,8,32 --new-tokens 128 \\
         --image-size 448x448 --json $OUT/engine.json                   # on a GPU: issue 7's workload
+    python benchmarks/engine_bench.py --random-glm46v-shape --batch-sizes 1,8,32 --new-tokens 128 \\
+        --image-size 448x448 --engines continuous --cuda-graphs --compile --json $OUT/engine-graphs.json
 
 Each concurrency level B makes B requests, each with one image of `--image-size` (distinct pixels
 per row) and `--prompt`, prepared by the engine itself (`Engine.prepare`: chat template, image
 tokens). The same prepared rows then run, in the same process and order:
 - baseline: plain `model.generate()` on the engine's left-padded collation, greedy, with
   `min_new_tokens = max_new_tokens = N` (exactly N tokens; end-of-sequence is suppressed);
-- engine: `Engine.generate_batch` with `SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)`.
+- engine: `Engine.generate_batch` with `SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)`;
+- continuous: the same rows through `ContinuousEngine.generate_batch` (deployments/continuous: slot
+  KV cache, per-step admission; `--cuda-graphs`/`--compile` as in the model YAML's `continuous:`).
+`--engines` picks which of the two run (both by default); the baseline always runs.
 Figures per path: TTFT (call -> the first generated token on the host: for the engine, the first
 token its detokenizer receives, which the first `on_step` callback carries unless the token has no
 text (`first_callback_s` reports that call too); for the baseline, the first stopping-criterion call
 of `generate()`, after a device sync), wall time, output tok/s per sequence (N / wall, and decode-only (N-1) / (wall - TTFT)
-as in the issue's table) and total output tok/s; the ratio engine/baseline; and whether the
-engine's greedy tokens equal `generate()`'s, row by row.
+as in the issue's table) and total output tok/s; the ratio to the baseline; and whether each
+path's greedy tokens equal `generate()`'s, row by row.
+
+For the continuous engine at B > 1 an arrival is also measured: B-1 rows decode, and after
+`--arrival-after` of their steps one more request (the B-th row) is submitted; reported are its
+time to first token and the decode steps launched between its arrival and its first token (the
+issue's target: within 2 steps plus its own prefill), next to the running rows' step time.
 
 `--random-glm46v-shape` builds a GLM-4.6V-Flash-shaped model (transformers' default `Glm46VConfig`,
 10.3B parameters, random weights, as ../shared/probes/hfbase.py did) with the demo tokenizer and
@@ -43,8 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deployments import engine as engine_module
+from deployments.continuous import ContinuousEngine
 from deployments.engine import Engine, PreparedRequest
-from serve_app.settings import ModelSettings, resolve_path
+from serve_app.settings import ContinuousEngineSettings, ModelSettings, resolve_path
 from serve_app.stage_types import (
     GenerationRequest,
     ImagePart,
@@ -284,8 +295,13 @@ def parse_size(value: str) -> tuple[int, int] | None:
     return w, h
 
 
-def run_levels(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
+PATHS = {"engine": "generate", "continuous": "continuous"}  # result key -> --engines name
+
+
+def run_levels(engine: Engine, cengine: ContinuousEngine | None, args: argparse.Namespace) -> dict[str, Any]:
     size = parse_size(args.image_size)
+    engines = {"engine": engine if "generate" in args.engines else None, "continuous": cengine}
+    engines = {key: e for key, e in engines.items() if e is not None}
     levels = []
     for b in [int(v) for v in args.batch_sizes.split(",") if v.strip()]:
         t0 = time.perf_counter()
@@ -294,45 +310,127 @@ def run_levels(engine: Engine, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.warmup):
             warm = min(args.new_tokens, 2)
             run_baseline(engine, batch, warm)
-            run_engine(engine, with_tokens(batch, warm))
-        base_runs, engine_runs = [], []
+            for path in engines.values():
+                run_engine(path, with_tokens(batch, warm))
+        base_runs: list[Run] = []
+        path_runs: dict[str, list[Run]] = {key: [] for key in engines}
         for _ in range(args.repeats):
             base_runs.append(run_baseline(engine, batch, args.new_tokens))
-            engine_runs.append(run_engine(engine, batch))
-        base, eng = figures(base_runs, b, args.new_tokens), figures(engine_runs, b, args.new_tokens)
-        equal = outputs_equal(base_runs[-1], engine_runs[-1])
-        level = {
+            for key, path in engines.items():
+                path_runs[key].append(run_engine(path, batch))
+        base = figures(base_runs, b, args.new_tokens)
+        level: dict[str, Any] = {
             "batch_size": b,
             "prompt_tokens": [r.prompt_tokens for r in batch],
             "image_tokens": batch[0].image_tokens,
             "prepare_s": prepare_s,
             "baseline": base,
-            "engine": eng,
-            "ratio_engine_over_baseline": {
-                "total_tok_s": eng["total_tok_s"] / base["total_tok_s"],
-                "ttft": eng["ttft_s"] / base["ttft_s"],
-            },
-            "outputs_equal": equal,
-            "compared": "token ids" if base_runs[-1].tokens and engine_runs[-1].tokens else "text",
         }
+        equal = []
+        for key, runs in path_runs.items():
+            f = figures(runs, b, args.new_tokens)
+            same = outputs_equal(base_runs[-1], runs[-1])
+            level[key] = f
+            level[f"ratio_{key}_over_baseline"] = {"total_tok_s": f["total_tok_s"] / base["total_tok_s"],
+                                                   "ttft": f["ttft_s"] / base["ttft_s"]}
+            level[f"outputs_equal_{key}"] = same
+            level[f"compared_{key}"] = "token ids" if base_runs[-1].tokens and runs[-1].tokens else "text"
+            equal.append(same)
+        if "engine" in path_runs:  # the generate-path engine's keys, as before the continuous one existed
+            level["compared"] = level["compared_engine"]
+        level["outputs_equal"] = all(equal)
+        if cengine is not None and b > 1 and args.arrival_after > 0 and args.new_tokens > 1:
+            # The late request must arrive while the others still decode.
+            after = min(args.arrival_after, args.new_tokens - 1)
+            level["arrival"] = run_arrival(cengine, batch, args.new_tokens, after)
         levels.append(level)
-        print_level(level, args.new_tokens)
+        print_level(level)
     return {"levels": levels, "outputs_equal": all(lv["outputs_equal"] for lv in levels)}
 
 
-_HEADER = (f"{'B':>4} {'path':<9}{'TTFT s':>9}{'wall s':>9}{'tok/s/seq':>11}{'decode tok/s/seq':>18}"
+def run_arrival(cengine: ContinuousEngine, batch: list[PreparedRequest], new_tokens: int, after: int) -> dict[str, Any]:
+    """B-1 rows decode; after `after` of their tokens the B-th row arrives. Its time to first token
+    and the decode steps between its arrival and its first token, next to the others' step time."""
+    running, late = batch[:-1], with_tokens(batch[-1:], min(new_tokens, 8))
+    marks: dict[str, Any] = {}
+    original = engine_module._Detokenizer
+
+    class Watched(original):
+        """Hooks the token stream on the engine thread, so steps and times are read exactly."""
+
+        made = 0
+
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            self.late = "arrived_at" in marks  # made inside the submit below
+            self.first_running = not self.late and Watched.made == 0
+            Watched.made += 1
+
+        def add(self, token: int):
+            now = time.perf_counter()
+            if self.late:
+                if "first_at" not in marks:
+                    marks.update(first_at=now, first_step=cengine.decode_steps)
+            elif self.first_running:
+                marks.setdefault("running_tokens_at", []).append(now)
+                if len(self.tokens) + 1 == after:
+                    marks.update(arrived_at=now, arrived_step=cengine.decode_steps)
+                    marks["late_future"] = cengine.submit(late, lambda chunks: None)
+            return super().add(token)
+
+    engine_module._Detokenizer = Watched
+    try:
+        cengine.submit(running, lambda chunks: None).result()
+        marks["late_future"].result()
+    finally:
+        engine_module._Detokenizer = original
+    step_times = marks["running_tokens_at"]  # one running row's tokens: one per decode step
+    gaps = [b - a for a, b in zip(step_times, step_times[1:])]
+    return {
+        "running_rows": len(running),
+        "arrived_after_tokens": after,
+        "ttft_s": marks["first_at"] - marks["arrived_at"],
+        "steps_to_first_token": marks["first_step"] - marks["arrived_step"],
+        "running_step_s": statistics.median(gaps) if gaps else None,
+    }
+
+
+_HEADER = (f"{'B':>4} {'path':<11}{'TTFT s':>9}{'wall s':>9}{'tok/s/seq':>11}{'decode tok/s/seq':>18}"
            f"{'total tok/s':>13}{'ratio':>8}  equal")
 
 
-def print_level(level: dict[str, Any], new_tokens: int) -> None:
+def print_level(level: dict[str, Any]) -> None:
     def row(name: str, f: dict, ratio: str = "", equal: str = "") -> str:
         decode = "-" if f["decode_tok_s_per_seq"] is None else f"{f['decode_tok_s_per_seq']:.1f}"
-        return (f"{level['batch_size']:>4} {name:<9}{f['ttft_s']:>9.3f}{f['total_s']:>9.3f}{f['tok_s_per_seq']:>11.1f}"
+        return (f"{level['batch_size']:>4} {name:<11}{f['ttft_s']:>9.3f}{f['total_s']:>9.3f}{f['tok_s_per_seq']:>11.1f}"
                 f"{decode:>18}{f['total_tok_s']:>13.1f}{ratio:>8}  {equal}")
 
-    ratio = level["ratio_engine_over_baseline"]["total_tok_s"]
     print(row("baseline", level["baseline"]), flush=True)
-    print(row("engine", level["engine"], f"{ratio:.2f}x", "yes" if level["outputs_equal"] else "NO"), flush=True)
+    for key in PATHS:
+        if key in level:
+            ratio = level[f"ratio_{key}_over_baseline"]["total_tok_s"]
+            same = "yes" if level[f"outputs_equal_{key}"] else "NO"
+            print(row(key, level[key], f"{ratio:.2f}x", same), flush=True)
+    if "arrival" in level:
+        a = level["arrival"]
+        step = "-" if a["running_step_s"] is None else f"{a['running_step_s'] * 1e3:.1f} ms"
+        print(f"{'':>4} arrival while {a['running_rows']} decode: first token after {a['ttft_s']:.3f}s, "
+              f"{a['steps_to_first_token']} decode steps (their step: {step})", flush=True)
+
+
+def continuous_engine(engine: Engine, args: argparse.Namespace) -> ContinuousEngine | None:
+    """The continuous engine over the same model, with the command line's engine options."""
+    if "continuous" not in args.engines:
+        return None
+    sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
+    options = ContinuousEngineSettings(
+        max_slots=args.max_slots or max(sizes), cuda_graphs=args.cuda_graphs, compile=args.compile,
+        compile_mode=args.compile_mode, warmup_max_len=args.warmup_max_len,
+    )
+    update: dict[str, Any] = {"continuous": options}
+    if args.max_model_len:
+        update["max_model_len"] = args.max_model_len
+    return ContinuousEngine(engine.settings.model_copy(update=update), engine.model, engine.processor, engine.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +449,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per level and path (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--engines", default="generate,continuous",
+                        help="engines to run next to the baseline: generate, continuous (comma-separated)")
+    parser.add_argument("--max-slots", type=int, default=None, help="continuous: KV cache slots (default: largest B)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="continuous: tokens per slot (default: the model config's max_model_len)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="continuous: capture decode steps in CUDA graphs")
+    parser.add_argument("--compile", action="store_true", help="continuous: torch.compile the decode step")
+    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    parser.add_argument("--warmup-max-len", type=int, default=1024,
+                        help="continuous with --cuda-graphs: cache spans captured at load")
+    parser.add_argument("--arrival-after", type=int, default=16,
+                        help="continuous, B > 1: the late request arrives after this many tokens (0: skip)")
     args = parser.parse_args(argv)
+    args.engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    if not args.engines <= set(PATHS.values()):
+        parser.error("--engines takes generate and/or continuous")
     if args.new_tokens < 1:
         parser.error("--new-tokens must be at least 1")
     if args.tiny and not args.random_glm46v_shape:
@@ -360,14 +473,28 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     engine = load_engine(args)
     load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cengine = continuous_engine(engine, args)
+    continuous_setup_s = time.perf_counter() - t0
     params = sum(p.numel() for p in engine.model.parameters())
     gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
     print(f"model {engine.settings.id} ({params / 1e9:.3f}B parameters, {engine.model.dtype}) on "
           f"{gpu or engine.device} | torch {torch.__version__} | load {load_s:.1f}s | image {args.image_size} "
           f"| {args.new_tokens} new tokens | prompt {args.prompt!r}", flush=True)
+    if cengine is not None:
+        print(f"continuous engine: {cengine.slots} slots x {cengine.cache.max_len} tokens, cuda_graphs="
+              f"{cengine.runner.use_graphs}, compile={cengine.runner.compiled}, set up in {continuous_setup_s:.1f}s "
+              f"({cengine.runner.captured} graphs captured)", flush=True)
     print(_HEADER, flush=True)
-    result = run_levels(engine, args)
-    print("greedy outputs of engine == generate(): " + ("yes, at every level" if result["outputs_equal"] else "NO"))
+    try:
+        result = run_levels(engine, cengine, args)
+    finally:
+        if cengine is not None:
+            cengine.close()
+    for key, name in PATHS.items():
+        if all(key in lv for lv in result["levels"]):
+            same = all(lv[f"outputs_equal_{key}"] for lv in result["levels"])
+            print(f"greedy outputs of {key} == generate(): " + ("yes, at every level" if same else "NO"))
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": engine.settings.id,
@@ -379,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": args.new_tokens,
         "image_size": args.image_size,
         "prompt": args.prompt,
+        "engines": sorted(args.engines),
+        **({"continuous_engine": {
+            "max_slots": cengine.slots, "max_len": cengine.cache.max_len, "cuda_graphs": cengine.runner.use_graphs,
+            "compile": cengine.runner.compiled, "compile_mode": args.compile_mode if cengine.runner.compiled else None,
+            "setup_s": continuous_setup_s, "graphs_captured": cengine.runner.captured,
+        }} if cengine is not None else {}),
         **result,
     }
     if engine.device.type == "cuda":
