@@ -114,7 +114,7 @@ class ContinuousEngineSettings(_Settings):
         description="Prompt tokens (padded) prefilled in one forward pass; arrivals beyond wait one step.",
     )
     cuda_graphs: bool = Field(False, description="Capture decode steps in CUDA graphs (CUDA only).")
-    compile: bool = Field(False, description="torch.compile the decode step (CUDA only; then captured if cuda_graphs).")
+    compile: bool = Field(False, description="torch.compile the decode step (then captured, with cuda_graphs).")
     compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode for the decode step.")
     warmup_max_len: int = Field(
         1024, ge=0,

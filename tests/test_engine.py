@@ -136,3 +136,26 @@ def test_stop_sequences_are_cut_and_never_leak() -> None:
     assert detok.add(ord("a")) == ("a", False)
     assert detok.add(ord("\n")) == ("", False)  # might begin the stop sequence: held back
     assert detok.add(ord("b")) == ("\nb", False)
+
+
+def test_piecewise_detokenizing_gives_the_same_text_as_decoding_everything(engine: Engine) -> None:
+    """Byte-level tokenizers are decoded incrementally (only what follows the last whole character);
+    the deltas must add up to exactly what decoding the whole list gives, at every step."""
+    import random
+
+    tokenizer = engine.tokenizer
+    assert _Detokenizer(tokenizer, ())._piecewise
+    rng = random.Random(7)
+    vocab = len(tokenizer)
+    # Chinese answers split characters across byte tokens; special tokens are skipped in the text.
+    pieces = tokenizer("图中的六边形是红色的 star, 圆形?", add_special_tokens=False)["input_ids"]
+    for trial in range(40):
+        tokens = [rng.choice(pieces) if rng.random() < 0.5 else rng.randrange(vocab) for _ in range(rng.randrange(1, 80))]
+        detok = _Detokenizer(tokenizer, ())
+        emitted = ""
+        for i, token in enumerate(tokens):
+            delta, _ = detok.add(token)
+            emitted += delta
+            whole = tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)
+            assert whole.startswith(emitted), (trial, i)
+        assert emitted + detok.flush() == tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
