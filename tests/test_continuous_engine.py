@@ -282,3 +282,25 @@ def test_auto_picks_the_continuous_engine_where_it_can(engine) -> None:
     assert type(choose_engine(with_settings(engine="auto", quantization=quantized_kv))) is Engine
     with pytest.raises(ValueError, match="quantized KV cache"):
         choose_engine(with_settings(engine="continuous", quantization=quantized_kv))
+
+
+def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(engine, cengine) -> None:
+    """`compile: true` as on the GPU (there it is then captured in CUDA graphs, which needs a step
+    without host synchronisation: a graph break would show where one hides). Slow on a CPU: one
+    batch size, both sampling variants, and a span change (256 -> 512 cache positions)."""
+    compiled = continuous(engine, max_slots=2, batch_buckets=[2], compile=True, compile_mode="default")
+    try:
+        decoder = compiled.decoder
+
+        def explain() -> int:  # all slots inactive: the traced run changes nothing
+            return torch._dynamo.explain(decoder.step)(compiled.state.active[:2], decoder.span_ids[:256], True).graph_break_count
+
+        assert compiled.call(explain) == 0
+        requests = [
+            user_request(engine, "Hi", None, max_tokens=260, ignore_eos=True),
+            user_request(engine, "Tell me.", preprocessed(engine, (56, 56), (5, 5, 5)), temperature=0.8, top_p=0.9,
+                         seed=3, max_tokens=20),
+        ]
+        assert run(compiled, requests) == run(cengine, requests)
+    finally:
+        compiled.close()
