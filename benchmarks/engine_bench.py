@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cengine is not None:
             cengine.close()
-    for key, name in PATHS.items():
+    for key in PATHS:
         if all(key in lv for lv in result["levels"]):
             same = all(lv[f"outputs_equal_{key}"] for lv in result["levels"])
             print(f"greedy outputs of {key} == generate(): " + ("yes, at every level" if same else "NO"))

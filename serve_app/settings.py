@@ -100,6 +100,11 @@ class ContinuousEngineSettings(_Settings):
         description="Sequences decoding at once (KV cache slots, each max_model_len long); later arrivals "
         "wait for a free slot.",
     )
+    kv_cache_memory_fraction: float = Field(
+        0.7, gt=0, le=1,
+        description="On a GPU, the slot cache takes at most this share of the memory free after loading the "
+        "weights; max_slots is lowered to fit (with a warning).",
+    )
     batch_buckets: list[int] = Field(
         [1, 2, 4, 8, 16, 32, 64, 128, 256],
         description="Decode batch sizes with their own CUDA graph; a step runs at the smallest bucket that "

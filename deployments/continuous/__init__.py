@@ -34,7 +34,12 @@ def choose_engine(engine: Engine) -> Engine:
         return engine
     reason = unsupported_reason(engine.model, engine.settings.quantization.kv_cache)
     if reason is None:
-        return ContinuousEngine.from_engine(engine)
+        try:
+            return ContinuousEngine.from_engine(engine)
+        except ValueError as error:  # e.g. no KV cache slot fits the free memory
+            if kind == "continuous":
+                raise
+            reason = str(error)
     if kind == "continuous":
         raise ValueError(f"engine: continuous is not available for {engine.settings.id}: {reason}")
     logger.info("Using the generate() engine for %s: %s", engine.settings.id, reason)

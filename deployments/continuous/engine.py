@@ -93,11 +93,11 @@ class ContinuousEngine(Engine):
         if reason is not None:
             raise ValueError(f"The continuous engine cannot run this model: {reason}")
         self.options = settings.continuous
-        self.slots = self.options.max_slots
         text = model.config.get_text_config(decoder=True)
         attention = model.model.language_model.layers[0].self_attn
-        self.cache = SlotKVCache(text.num_hidden_layers, self.slots, attention.num_key_value_heads,
-                                 settings.max_model_len, attention.head_dim, model.dtype, device)
+        shape = (text.num_hidden_layers, attention.num_key_value_heads, settings.max_model_len, attention.head_dim)
+        self.slots = self._slots_that_fit(shape, model.dtype, device)
+        self.cache = SlotKVCache(shape[0], self.slots, shape[1], shape[2], shape[3], model.dtype, device)
         self.state = SlotState(self.slots, device)
         self.decoder = Glm4vDecoder(model, self.cache, self.state, self.eos_token_ids, device)
         self.runner = StepRunner(self.decoder, self.options, device)
@@ -118,6 +118,23 @@ class ContinuousEngine(Engine):
         if self.runner.use_graphs:
             self.call(self._warmup)
 
+    def _slots_that_fit(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> int:
+        """max_slots, or fewer where a GPU's free memory cannot hold that many full-length slots."""
+        wanted = self.options.max_slots
+        if device.type != "cuda":
+            return wanted
+        layers, kv_heads, max_len, head_dim = shape
+        per_slot = 2 * layers * kv_heads * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
+        free, _ = torch.cuda.mem_get_info(device)
+        fits = int(free * self.options.kv_cache_memory_fraction // per_slot)
+        if fits < wanted:
+            logger.warning("The KV cache fits %d slots of %d tokens (%.2f GiB each) in %.0f%% of the %.1f GiB free, "
+                           "not max_slots=%d; lower max_model_len for more", fits, max_len, per_slot / 2**30,
+                           100 * self.options.kv_cache_memory_fraction, free / 2**30, wanted)
+        if fits < 1:
+            raise ValueError(f"Not even one KV cache slot of {max_len} tokens fits in the free GPU memory")
+        return min(wanted, fits)
+
     @classmethod
     def from_engine(cls, engine: Engine) -> ContinuousEngine:
         """The continuous engine over an already loaded generate-path engine's model."""
@@ -128,6 +145,10 @@ class ContinuousEngine(Engine):
     def submit(self, batch: list[PreparedRequest], on_step: StepCallback) -> Future:
         """Queue `batch`; `on_step` gets each iteration's new chunks (one entry per request, None:
         nothing new) from the engine thread. The future completes when every request is done."""
+        for request in batch:
+            if request.prompt_tokens + request.max_tokens > self.cache.max_len:
+                raise ValueError(f"{request.prompt_tokens} prompt + {request.max_tokens} new tokens do not fit a "
+                                 f"{self.cache.max_len}-token slot")
         group = _Group(on_step, Future(), open_rows=len(batch))
         # The detokenizer class is looked up on the module at call time, so benchmarks can observe it.
         rows = [_SlotRow(request, base._Detokenizer(self.tokenizer, request.sampling.stop), group=group, index=i)
@@ -262,24 +283,25 @@ class ContinuousEngine(Engine):
         slots = torch.arange(first_slot, first_slot + len(rows), device=self.device)
         params = [r.request.sampling for r in rows]
         seeds = [p.seed if p.seed is not None else self._seeds.getrandbits(32) for p in params]
-        longs = self._to_device([
+        length, rope_delta, min_tokens, ignore_eos, seed = self._to_device([
             [r.cache_len for r in rows], prefill.rope_deltas, [p.min_tokens for p in params],
             [int(p.ignore_eos) for p in params], [s & 0xFFFFFFFF for s in seeds],
         ], torch.long)
-        floats = self._to_device([[p.temperature for p in params], [p.top_p for p in params]], torch.float32)
-        s = self.state
-        for target, values in zip((s.length, s.rope_delta, s.min_tokens, s.seed), (longs[0], longs[1], longs[2], longs[4])):
+        temperature, top_p = self._to_device([[p.temperature for p in params], [p.top_p for p in params]],
+                                             torch.float32)
+        ignore_eos = ignore_eos.bool()
+        state = self.state
+        for target, values in ((state.length, length), (state.rope_delta, rope_delta), (state.min_tokens, min_tokens),
+                               (state.seed, seed), (state.ignore_eos, ignore_eos), (state.temperature, temperature),
+                               (state.top_p, top_p)):
             target.index_copy_(0, slots, values)
-        s.ignore_eos.index_copy_(0, slots, longs[3].bool())
-        s.temperature.index_copy_(0, slots, floats[0])
-        s.top_p.index_copy_(0, slots, floats[1])
         zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        row_params = RowParams(temperature=floats[0], top_p=floats[1], seed=longs[4], counter=zero,
-                               suppress_eos=longs[3].bool() | (zero < longs[2]))
-        first = sample(prefill.logits, row_params, self.decoder.eos_mask, any(not p.greedy for p in params))
-        s.last_token.index_copy_(0, slots, first)
-        s.generated.index_copy_(0, slots, zero + 1)
-        s.active.index_fill_(0, slots, True)
+        first = sample(prefill.logits, RowParams(temperature, top_p, seed, counter=zero,
+                                                 suppress_eos=ignore_eos | (min_tokens > 0)),
+                       self.decoder.eos_mask, any(not p.greedy for p in params))
+        state.last_token.index_copy_(0, slots, first)
+        state.generated.index_copy_(0, slots, zero + 1)
+        state.active.index_fill_(0, slots, True)
         return self._to_host(list(rows), first)
 
     def _to_device(self, rows: list[list[float]], dtype: torch.dtype) -> torch.Tensor:
