@@ -491,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cengine is not None:
             cengine.close()
+    if cengine is not None and args.cuda_graphs and not cengine.runner.use_graphs:
+        print("WARNING: the continuous engine ran without CUDA graphs (not CUDA, or a capture failed: see the log)")
     for key in PATHS:
         if all(key in lv for lv in result["levels"]):
             same = all(lv[f"outputs_equal_{key}"] for lv in result["levels"])

@@ -304,3 +304,19 @@ def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(
         assert run(compiled, requests) == run(cengine, requests)
     finally:
         compiled.close()
+
+
+def test_a_request_cancelled_while_waiting_for_a_slot_is_dropped_at_once(engine) -> None:
+    one = continuous(engine, max_slots=1)
+    try:
+        running = engine.prepare(user_request(engine, "Long.", None, max_tokens=300, ignore_eos=True))
+        queued = engine.prepare(user_request(engine, "Queued.", None, max_tokens=5))
+        running_done = one.submit([running], lambda chunks: None)
+        queued_done = one.submit([queued], lambda chunks: pytest.fail("a cancelled request produced text"))
+        queued.cancelled = True
+        queued_done.result(timeout=30)
+        assert not running_done.done(), "the queued request was only dropped once the slot was free"
+        running.cancelled = True
+        running_done.result(timeout=30)
+    finally:
+        one.close()

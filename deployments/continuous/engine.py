@@ -241,20 +241,28 @@ class ContinuousEngine(Engine):
         taken: list[_SlotRow] = []
         width = 0
         with self._wake:
+            self._drop_abandoned()
             while self._waiting and len(self._live) + len(taken) < self.slots:
-                row = self._waiting[0]
-                if row.done or row.request.cancelled:
-                    self._waiting.popleft()
-                    if not row.done:
-                        logger.info("Dropped a cancelled request from its batch after 0 tokens")
-                    self._row_done(row)
-                    continue
-                wider = max(width, row.request.prompt_tokens)
+                wider = max(width, self._waiting[0].request.prompt_tokens)
                 if taken and wider * (len(taken) + 1) > self.options.max_prefill_tokens:
                     break
                 width = wider
                 taken.append(self._waiting.popleft())
         return taken
+
+    def _drop_abandoned(self) -> None:
+        """Forget waiting rows whose client went away (or whose group failed) before they got a slot."""
+        if not any(row.done or row.request.cancelled for row in self._waiting):
+            return
+        keep: deque[_SlotRow] = deque()
+        for row in self._waiting:
+            if row.done or row.request.cancelled:
+                if not row.done:
+                    logger.info("Dropped a cancelled request from its batch after 0 tokens")
+                self._row_done(row)
+            else:
+                keep.append(row)
+        self._waiting = keep
 
     def _admit(self) -> None:
         arrivals = self._take_arrivals()

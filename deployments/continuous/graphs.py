@@ -54,13 +54,20 @@ class StepRunner:
 
     def run(self, key: GraphKey) -> None:
         rows, span, sampled = key
-        if not self.use_graphs:
+        if self.use_graphs and key not in self._graphs:
+            self._capture_or_disable(key)
+        if self.use_graphs:
+            self._graphs[key].replay()
+        else:
             self._step(self.state.active[:rows], self.decoder.span_ids[:span], sampled)
-            return
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = self.capture(key)
-        graph.replay()
+
+    def _capture_or_disable(self, key: GraphKey) -> None:
+        try:
+            self._graphs[key] = self.capture(key)
+        except Exception:
+            # Serving on without graphs beats failing every step from now on; loud, since it is slow.
+            logger.exception("Capturing the decode step at %s failed: CUDA graphs are off from now on", key)
+            self.use_graphs = False
 
     def capture(self, key: GraphKey) -> torch.cuda.CUDAGraph:
         """Warm the step up at `key` (compiling it if asked) and capture it in a CUDA graph.
@@ -97,15 +104,13 @@ class StepRunner:
             self.state.active[:rows].copy_(saved)
 
     def warmup(self, buckets: list[int], spans: list[int]) -> None:
-        """Capture the graphs for every bucket and span given (both sampling variants)."""
-        if not self.use_graphs:
-            return
+        """Capture the graphs for every bucket and span given (both sampling variants), largest
+        batch first: later captures reuse the shared pool's memory rather than growing it."""
         for span in spans:
-            for rows in buckets:
+            for rows in sorted(buckets, reverse=True):
                 for sampled in (False, True):
-                    key = (rows, span, sampled)
-                    if key not in self._graphs:
-                        self._graphs[key] = self.capture(key)
+                    if self.use_graphs and (rows, span, sampled) not in self._graphs:
+                        self._capture_or_disable((rows, span, sampled))
 
     @property
     def captured(self) -> int:
