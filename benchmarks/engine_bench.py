@@ -285,6 +285,23 @@ def outputs_equal(a: Run, b: Run) -> bool:
     return a.texts == b.texts
 
 
+def first_difference(a: Run, b: Run) -> int | None:
+    """The earliest token index at which any row of `b` leaves `a`'s tokens (None: none does).
+
+    Tells a wrong step (rows part at once) from rounding (in bf16 with random weights, whose logits
+    are nearly flat, two correct implementations can part after tens of tokens)."""
+    if not (a.tokens and b.tokens):
+        return None
+    found = []
+    for ra, rb in zip(a.tokens, b.tokens):
+        at = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None)
+        if at is None and len(ra) != len(rb):
+            at = min(len(ra), len(rb))
+        if at is not None:
+            found.append(at)
+    return min(found) if found else None
+
+
 # ---- the run -----------------------------------------------------------------------------------
 
 
@@ -334,6 +351,7 @@ def run_levels(engine: Engine, cengine: ContinuousEngine | None, args: argparse.
             level[f"ratio_{key}_over_baseline"] = {"total_tok_s": f["total_tok_s"] / base["total_tok_s"],
                                                    "ttft": f["ttft_s"] / base["ttft_s"]}
             level[f"outputs_equal_{key}"] = same
+            level[f"first_difference_{key}"] = first_difference(base_runs[-1], runs[-1])
             level[f"compared_{key}"] = "token ids" if base_runs[-1].tokens and runs[-1].tokens else "text"
             equal.append(same)
         if "engine" in path_runs:  # the generate-path engine's keys, as before the continuous one existed
@@ -409,7 +427,10 @@ def print_level(level: dict[str, Any]) -> None:
     for key in PATHS:
         if key in level:
             ratio = level[f"ratio_{key}_over_baseline"]["total_tok_s"]
+            differs = level[f"first_difference_{key}"]
             same = "yes" if level[f"outputs_equal_{key}"] else "NO"
+            if differs is not None:
+                same += f" (from token {differs})"
             print(row(key, level[key], f"{ratio:.2f}x", same), flush=True)
     if "arrival" in level:
         a = level["arrival"]
