@@ -3,6 +3,7 @@ joining and leaving mid-decode, stops, limits, cancellation, seeded sampling and
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -266,6 +267,15 @@ def test_probe_and_busy_for_the_health_check(engine, cengine, monkeypatch: pytes
     monkeypatch.setattr(engine.model.model.language_model, "forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         cengine.probe()
+
+
+def test_the_replica_health_check_probes_through_the_engine_thread(engine, cengine, monkeypatch) -> None:
+    from tests.test_health import replica, torch_error
+
+    asyncio.run(replica(cengine).check_health())
+    monkeypatch.setattr(engine.model.model.language_model, "forward", torch_error())
+    with pytest.raises(RuntimeError, match="device lost"):
+        asyncio.run(replica(cengine).check_health())
 
 
 def test_auto_picks_the_continuous_engine_where_it_can(engine) -> None:
