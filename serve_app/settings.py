@@ -115,8 +115,10 @@ class ContinuousEngineSettings(_Settings):
         description="Attention reads the cache up to the next power of two of the longest sequence, never less.",
     )
     max_prefill_tokens: int = Field(
-        8192, ge=16,
-        description="Prompt tokens (padded) prefilled in one forward pass; arrivals beyond wait one step.",
+        4096, ge=16,
+        description="Prompt tokens (padded) prefilled in one forward pass; arrivals beyond wait for the next "
+        "iteration. Smaller: earlier first tokens for the first arrivals of a burst, and shorter pauses of the "
+        "running sequences (whose steps wait for each prefill); larger: fewer passes.",
     )
     cuda_graphs: bool = Field(False, description="Capture decode steps in CUDA graphs (CUDA only).")
     compile: bool = Field(False, description="torch.compile the decode step (then captured, with cuda_graphs).")
