@@ -37,7 +37,7 @@ from transformers.models.glm4v.modeling_glm4v import (
 )
 
 from serve_app.demo_model import build_config, build_model, build_processor, build_tokenizer
-from serve_app.vqa_data import IMAGE_SIZES, VQASample, generate, make_sample, split_seed
+from serve_app.vqa_data import IMAGE_SIZES, QUESTION_TYPES, VQASample, generate, make_sample, split_seed
 
 EOS = "<|endoftext|>"
 STATE_FILE = "train_state.pt"
@@ -62,6 +62,9 @@ class TrainConfig:
     # tiny fixed set, which a few steps can fit).
     train_size: int | None = None
     # Shares of training prompts with the question before the image, and with a system prompt.
+    # Share of training questions per type, e.g. {count: 0.4}; types not named split the rest
+    # evenly. None: every type equally often. Lets a continued run work on its weakest type.
+    type_weights: dict[str, float] | None = None
     text_first_fraction: float = 0.3
     system_fraction: float = 0.1
     num_workers: int = 4
@@ -72,11 +75,34 @@ class TrainConfig:
     eval_samples: int = 200
     eval_batch_size: int = 64
     max_bad_steps: int = 20
+    # Wall-clock budget in seconds (None: run all `steps`). A leased GPU gives a run minutes, not
+    # steps: after `calibration_steps` the run measures its pace and shortens `steps` to what fits,
+    # still inside warm-up, so the learning-rate schedule still ends its decay on the last step.
+    time_budget_s: float | None = None
+    calibration_steps: int = 100
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML config, then apply `key=value` overrides (values parsed as YAML)."""
+    """Read a single-stage YAML config, then apply `key=value` overrides (values parsed as YAML)."""
+    stages = load_stages(path, overrides)
+    if len(stages) != 1:
+        raise ValueError(f"{path} describes {len(stages)} stages; use load_stages")
+    return stages[0]
+
+
+def load_stages(path: str | Path | None, overrides: Sequence[str] = ()) -> list[TrainConfig]:
+    """The run a YAML file describes: one config, or one per entry of its `stages:` list.
+
+    Each stage is the file's top-level keys updated by that stage's own; overrides apply to every
+    stage. Stage k continues from stage k-1's weights (see `train_stages`).
+    """
     data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) if path else {}
+    stages = data.pop("stages", None) or [{}]
+    return [_config_from(_with_overrides({**data, **stage}, overrides)) for stage in stages]
+
+
+def _with_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # a deep copy: stages must not share nested dicts
     for item in overrides:
         key, _, value = item.partition("=")
         target = data
@@ -84,10 +110,20 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         for name in parents:
             target = target.setdefault(name, {})
         target[leaf] = yaml.safe_load(value)
+    return data
+
+
+def _config_from(data: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+    # YAML 1.1 reads `5e-4` (no dot) as a string; float fields take it as the number it means.
+    # (Not pydantic: the GPU machines that train have torch and transformers, not pydantic.)
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("float", "float | None")}
+    for name in floats & set(data):
+        if isinstance(data[name], str):
+            data[name] = float(data[name])
     return TrainConfig(**data)
 
 
@@ -203,6 +239,8 @@ class TrainBatches(Dataset):
         indices = [step * b + k for k in range(b)]
         if self.cfg.train_size:
             indices = [i % self.cfg.train_size for i in indices]
+        if self.cfg.type_weights:
+            indices = [self.reweighted(i) for i in indices]
         # One image size per batch (sizes still vary from batch to batch): equal-length images
         # let the vision tower run one batched attention call (see batched_vision_attention).
         size = random.Random(f"size:{self.data_seed}:{step}").choice(IMAGE_SIZES)
@@ -212,6 +250,17 @@ class TrainBatches(Dataset):
             batch["position_ids"] = self.rope(batch)
         batch["pixel_values"] = pack_pixels(batch["pixel_values"], self.processor)
         return batch
+
+    def reweighted(self, index: int) -> int:
+        """A sample index whose question type is drawn from `type_weights` (distinct per index)."""
+        weights = self.cfg.type_weights or {}
+        named = sum(weights.values())
+        others = [t for t in QUESTION_TYPES if t not in weights]
+        share = [weights.get(t, max(0.0, 1 - named) / max(1, len(others))) for t in QUESTION_TYPES]
+        kind = random.Random(f"type:{self.data_seed}:{index}").choices(range(len(QUESTION_TYPES)), share)[0]
+        # make_sample picks the type from index % len(QUESTION_TYPES) (and the language from the
+        # quotient), so this index has the drawn type and no other row's index.
+        return index * len(QUESTION_TYPES) + kind
 
     def style(self, index: int) -> PromptStyle:
         # Many OpenAI clients put the text before the image, and some send a system prompt:
@@ -427,6 +476,8 @@ def train(
     with batched_vision_attention():
         step = _train_loop(model, processor, optimizer, cfg, start, dev, log, losses, state_path, stop_after, best)
     log.close()
+    # Again at the end: a time budget may have changed `steps`, and the file should say what ran.
+    (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if best["state"] is not None and best["step"] != step:
         print(f"keeping step {best['step']} (validation {best['accuracy']:.3f})", flush=True)
         model.load_state_dict(best["state"])
@@ -455,12 +506,18 @@ def _train_loop(
     data_wait = 0.0  # seconds spent waiting on the data workers: tells what bounds a run
     bad_steps = 0
     loader = batch_loader(processor, cfg, start, RopeIndexer(model.config))
+    planned = cfg.steps  # a time budget may shorten the run, never lengthen it past this
     while True:
         waited = time.time()
         batch = next(loader, None)
         data_wait += time.time() - waited
-        if batch is None or (stop_after is not None and step - start >= stop_after):
+        if batch is None or step >= cfg.steps or (stop_after is not None and step - start >= stop_after):
             break
+        # The pace is measured after the first steps (which compile and warm caches) and again
+        # every few hundred steps, since a GPU shared with other work changes speed.
+        since = step - start
+        if cfg.time_budget_s and since >= cfg.calibration_steps and since % cfg.calibration_steps == 0:
+            _fit_steps_to_budget(cfg, step, start, time.time() - started, planned)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -508,6 +565,16 @@ def _train_loop(
             save_state(state_path, model, optimizer, step, cfg)
     progress.close()
     return step
+
+
+def _fit_steps_to_budget(cfg: TrainConfig, step: int, start: int, elapsed: float, planned: int) -> None:
+    """Set `cfg.steps` to what fits `time_budget_s` at the pace so far (at most `planned`)."""
+    pace = elapsed / max(1, step - start)
+    # Evaluations still to come are not in the pace: keep a tenth of the budget in reserve.
+    fitting = min(planned, max(step + 1, step + int((0.9 * cfg.time_budget_s - elapsed) / pace)))
+    if fitting != cfg.steps:
+        cfg.steps = fitting
+        print(f"time budget {cfg.time_budget_s:.0f}s at {pace * 1000:.0f} ms/step: {cfg.steps} steps", flush=True)
 
 
 def _log_eval(model: Any, processor: Any, cfg: TrainConfig, step: int, log: Any) -> float:
@@ -590,9 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         smoke(args.out)
         return 0
-    cfg = load_config(args.config, args.set)
+    stages = load_stages(args.config, args.set)
     started = time.time()
-    result = train(cfg, args.out, resume=args.resume, init_from=args.init_from, device=args.device)
+    result = train_stages(stages, args.out, resume=args.resume, init_from=args.init_from, device=args.device)
     print(f"trained to step {result['step']} in {time.time() - started:.0f}s", flush=True)
     if args.eval:  # before export, which moves the model to the CPU
         from serve_app.evaluate import evaluate_offline, format_table
@@ -605,6 +672,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exported to {args.export}", flush=True)
     return 0
 
+
+def train_stages(
+    stages: Sequence[TrainConfig],
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Run the stages in order, each from the previous one's weights with a fresh optimizer.
+
+    One stage writes to OUT itself; several write to OUT/stage-K, each ending in a loadable
+    OUT/stage-K/weights checkpoint, so `--resume` skips the stages already done.
+    """
+    if len(stages) == 1:
+        return train(stages[0], out_dir, resume=resume, init_from=init_from, device=device)
+    result: dict[str, Any] = {}
+    for k, cfg in enumerate(stages, start=1):
+        stage_dir = Path(out_dir) / f"stage-{k}"
+        weights = stage_dir / "weights"
+        if resume and (weights / "config.json").exists():
+            print(f"stage {k}/{len(stages)}: done already ({weights})", flush=True)
+        else:
+            print(f"stage {k}/{len(stages)}: {cfg.steps} steps at lr {cfg.lr:g}", flush=True)
+            result = train(cfg, stage_dir, resume=resume, init_from=init_from, device=device)
+            export(result["model"], result["processor"], weights)
+        init_from = weights
+    if not result:  # every stage was done already: hand back the last one's weights
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(init_from, dtype=torch.float32).eval()
+        result = {"model": model, "processor": AutoProcessor.from_pretrained(init_from), "step": stages[-1].steps}
+    result["model"].to(pick_device(device))
+    return result
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -106,7 +106,42 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
 
 
 def test_config_file_and_overrides() -> None:
-    cfg = load_config(REPO / "configs/train/demo.yaml", ["steps=7", "model.layers=1"])
-    assert cfg.steps == 7 and cfg.model["layers"] == 1 and cfg.seed == 0
+    stages = train_demo.load_stages(REPO / "configs/train/demo.yaml", ["steps=7", "model.layers=1", "lr=5e-4"])
+    assert len(stages) == 4  # the recipe that made the committed checkpoint
+    for cfg in stages:
+        assert cfg.steps == 7 and cfg.model["layers"] == 1 and cfg.seed == 0 and cfg.lr == 5e-4
+    assert stages[-1].type_weights == {"count": 0.45}
     with pytest.raises(ValueError):
         load_config(None, ["no_such_key=1"])
+
+
+def test_time_budget_shortens_the_run_and_still_saves_the_end(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(SMOKE_CONFIG, steps=10_000, save_every=10_000, calibration_steps=3, time_budget_s=3.0)
+    result = train(cfg, tmp_path, device="cpu")
+    assert 3 < result["step"] < 10_000
+    assert result["step"] == cfg.steps  # the schedule ended where the run did
+    assert torch.load(tmp_path / "train_state.pt", weights_only=False)["step"] == result["step"]
+
+
+def test_stages_continue_from_each_other_and_resume_skips_finished_ones(tmp_path: Path) -> None:
+    config = tmp_path / "stages.yaml"
+    config.write_text(
+        "steps: 3\nbatch_size: 4\ntrain_size: 8\nnum_workers: 0\nbf16: false\nlr: 3e-3\nwarmup_steps: 1\n"
+        "log_every: 1\nstages:\n  - {}\n  - {steps: 2, lr: 1e-3}\n"
+    )
+    stages = train_demo.load_stages(config)
+    assert [(s.steps, s.lr) for s in stages] == [(3, 3e-3), (2, 1e-3)]
+    with pytest.raises(ValueError):
+        load_config(config)
+    out = tmp_path / "run"
+    result = train_demo.train_stages(stages, out, device="cpu")
+    assert result["step"] == 2
+    assert (out / "stage-1" / "weights" / "model.safetensors").exists()
+    assert (out / "stage-2" / "weights" / "model.safetensors").exists()
+    # Stage 2 started from stage 1's exported weights: its first loss is stage 1's level, not a
+    # fresh model's.
+    first = [float(line.split('"loss": ')[1].split(",")[0]) for line in (out / "stage-1" / "loss_log.jsonl").open()]
+    second = [float(line.split('"loss": ')[1].split(",")[0]) for line in (out / "stage-2" / "loss_log.jsonl").open()]
+    assert second[0] < first[0]
+    again = train_demo.train_stages(stages, out, device="cpu", resume=True)
+    assert again["step"] == 2 and again["model"] is not result["model"]
