@@ -1,6 +1,6 @@
 """`vlm-serve quantize`: GPTQ-quantize the language model of a transformers VLM with gptqmodel.
 
-    vlm-serve quantize --model checkpoints/glm4v-demo --bits 8 --group-size 32 \\
+    vlm-serve quantize --model checkpoints/glm4v-demo-vqa --bits 8 --group-size 32 \\
         --out checkpoints/glm4v-demo-gptq8 --calibration 32
 
 - Only the decoder layers of the language model are quantized (attention q/k/v/o and the MLP's
