@@ -253,7 +253,7 @@ def test_a_failed_step_fails_every_request_in_flight_and_the_engine_goes_on(engi
 
 def test_probe_and_busy_for_the_health_check(engine, cengine, monkeypatch: pytest.MonkeyPatch) -> None:
     cengine.probe()
-    assert not cengine.busy
+    assert wait_until(lambda: not cengine.busy)  # once the earlier tests' last steps have drained
     request = engine.prepare(user_request(engine, "Long.", None, max_tokens=300, ignore_eos=True))
     seen = threading.Event()
     done = cengine.submit([request], lambda chunks: seen.set())
