@@ -119,6 +119,31 @@ def test_4bit_checkpoint_loads_and_stays_close(source: Path, quantized) -> None:
     assert _logit_cosine(source, checkpoint) >= 0.95
 
 
+ACCURACY_SAMPLES = 100  # held-out test questions, 20 per type
+# Issue 6's floors: answer accuracy at most 2 points (8-bit) or 5 points (4-bit) under float's.
+ACCURACY_FLOOR = {8: 0.02, 4: 0.05}
+
+
+def _accuracy(checkpoint: Path) -> float:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from deployments.quantization import load_kwargs
+    from serve_app.evaluate import evaluate_offline
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    kwargs = load_kwargs(checkpoint, torch.device("cpu"))
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32, **kwargs).eval()
+    return evaluate_offline(model, processor, split="test", n=ACCURACY_SAMPLES, batch_size=25)["overall"]
+
+
+@pytest.mark.skipif(not (TRAINED / "config.json").exists(), reason="needs the trained demo checkpoint")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_answer_accuracy_stays_within_the_floor(bits: int, source: Path, quantized) -> None:
+    reference = _accuracy(source)
+    assert reference >= 0.9  # the trained model itself, so the comparison means something
+    assert _accuracy(quantized(bits)) >= reference - ACCURACY_FLOOR[bits]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("bits", [8, 4])
 def test_serve_run_serves_the_quantized_model(bits: int, quantized, tmp_path: Path) -> None:
