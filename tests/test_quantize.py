@@ -202,3 +202,20 @@ def test_load_and_generation_kwargs(quantized, source: Path) -> None:
     config = json.loads((quantized(4) / "config.json").read_text())["quantization_config"]
     assert describe_quantization(config) == "gptq-4bit"
     assert describe_quantization(GPTQConfig(bits=8)) == "gptq-8bit"  # the enum-valued quant_method
+
+
+@pytest.mark.skipif(not (TRAINED / "config.json").exists(), reason="needs the trained demo checkpoint")
+def test_int8_kv_cache_holds_fewer_bytes_and_keeps_the_answer(tmp_path: Path) -> None:
+    pytest.importorskip("hqq", reason="the quantized KV cache needs `pip install hqq`")
+    out = tmp_path / "kv.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/kv_cache_memory.py", "--new-tokens", "300", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["kv_cache"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["none"]["bytes_per_token"] == 3 * 2 * 2 * 64 * 2  # layers x (K, V) x heads x dim x bf16
+    assert rows["int8"]["cache_type"] == "QuantizedCache"
+    # 300 new tokens, the last <128 in full precision: well under the bf16 cache, above 8 bits a value.
+    assert 0.5 < rows["int8"]["ratio"] < 0.8 and rows["int4"]["ratio"] < rows["int8"]["ratio"]
+    assert rows["int8"]["equal_tokens"] >= 8  # the answer itself, before the forced continuation
