@@ -572,9 +572,10 @@ def _fit_steps_to_budget(cfg: TrainConfig, step: int, start: int, elapsed: float
     pace = elapsed / max(1, step - start)
     # Evaluations still to come are not in the pace: keep a tenth of the budget in reserve.
     fitting = min(planned, max(step + 1, step + int((0.9 * cfg.time_budget_s - elapsed) / pace)))
-    if fitting != cfg.steps:
-        cfg.steps = fitting
-        print(f"time budget {cfg.time_budget_s:.0f}s at {pace * 1000:.0f} ms/step: {cfg.steps} steps", flush=True)
+    # Said aloud only when the plan moves by more than 2%: the pace drifts a little every check.
+    if abs(fitting - cfg.steps) > 0.02 * cfg.steps:
+        print(f"time budget {cfg.time_budget_s:.0f}s at {pace * 1000:.0f} ms/step: {fitting} steps", flush=True)
+    cfg.steps = fitting
 
 
 def _log_eval(model: Any, processor: Any, cfg: TrainConfig, step: int, log: Any) -> float:
