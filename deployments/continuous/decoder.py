@@ -126,16 +126,8 @@ class Glm4vDecoder:
         live sequence reads: their tokens, lengths and counters stay as they were.
         """
         rows, state = active.shape[0], self.state
-        tokens, length = state.last_token[:rows], state.length[:rows]
-        hidden = self.embed(tokens)[:, None, :]
-        cos, sin = self.rotary(length + state.rope_delta[:rows], hidden.dtype)
-        # Rows with a cache longer than the span are never live (the engine picks L above every live
-        # length); clamping keeps their writes inside their own slot.
-        write_at = length.clamp(max=span.shape[0] - 1)
-        visible = (span[None, :] <= length[:, None])[:, None, None, :]
-        for index, layer in enumerate(self.layers):
-            hidden = self.layer(index, layer, hidden, cos, sin, write_at, visible)
-        logits = self.lm_head(self.norm(hidden))[:, 0]
+        tokens = state.last_token[:rows]
+        logits = self.forward(rows, span)
         generated = state.generated[:rows]
         params = RowParams(
             temperature=state.temperature[:rows], top_p=state.top_p[:rows], seed=state.seed[:rows],
@@ -146,6 +138,23 @@ class Glm4vDecoder:
         state.last_token[:rows].copy_(torch.where(active, chosen, tokens))
         state.length[:rows].add_(active.long())
         state.generated[:rows].add_(active.long())
+
+    def forward(self, rows: int, span: torch.Tensor) -> torch.Tensor:
+        """The language model over slots 0..rows-1: the next-token logits [rows, vocab], each new
+        token's key/value written into its slot. This is the part `torch.compile` gets (graphs.py):
+        sampling stays eager, since inductor fails on its sort/scatter over the vocabulary (torch
+        2.11), and inside a CUDA graph its few kernels cost nothing to launch anyway."""
+        state = self.state
+        tokens, length = state.last_token[:rows], state.length[:rows]
+        hidden = self.embed(tokens)[:, None, :]
+        cos, sin = self.rotary(length + state.rope_delta[:rows], hidden.dtype)
+        # Rows with a cache longer than the span are never live (the engine picks L above every live
+        # length); clamping keeps their writes inside their own slot.
+        write_at = length.clamp(max=span.shape[0] - 1)
+        visible = (span[None, :] <= length[:, None])[:, None, None, :]
+        for index, layer in enumerate(self.layers):
+            hidden = self.layer(index, layer, hidden, cos, sin, write_at, visible)
+        return self.lm_head(self.norm(hidden))[:, 0]
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [rows, 1, rotary_dim] for one position per row.

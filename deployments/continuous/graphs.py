@@ -9,7 +9,8 @@ replays fixed shapes at fixed addresses, hence:
 - graphs share one memory pool: they never run at the same time, and their outputs are copied into
   the slot state inside the graph, so nothing of one graph is read after another replays.
 
-Compilation (optional, before capture) fuses the small elementwise kernels; its mode must not use
+Compilation (optional, before capture) fuses the small elementwise kernels of the model's forward
+(norms, rotary, residuals: thousands of launches a step otherwise); its mode must not use
 CUDA graphs of its own ("max-autotune-no-cudagraphs" or "default"), since capture is done here.
 """
 
@@ -48,7 +49,8 @@ class StepRunner:
             # Each (B, L, sampled) is a new shape; automatic dynamic shapes make B and L symbolic after
             # the first recompilation, but allow a few more before torch falls back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._step = torch.compile(decoder.step, mode=settings.compile_mode, fullgraph=False)
+            # The model's forward only: the step's sampling stays eager (see Glm4vDecoder.forward).
+            decoder.forward = torch.compile(decoder.forward, mode=settings.compile_mode, fullgraph=False, dynamic=True)
         self._graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
