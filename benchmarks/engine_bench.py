@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import statistics
 import sys
@@ -52,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.glm46v_shape import glm46v_shape
 from deployments import engine as engine_module
 from deployments.continuous import ContinuousEngine
 from deployments.engine import Engine, PreparedRequest
@@ -82,38 +84,14 @@ def settings_for(model: str, device: str | None, dtype: str | None) -> ModelSett
 
 
 def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0) -> Engine:
-    """GLM-4.6V-Flash's shape (hfbase.py's config) with random weights, the demo tokenizer and
-    GLM-4.6V's default image processor."""
+    """GLM-4.6V-Flash's shape (glm46v_shape.py) with random weights, made on `device`."""
     import transformers as t
-    from transformers import GenerationConfig
 
-    from serve_app.demo_model import CHAT_TEMPLATE, EOS_TOKENS, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    ids = lambda name: tokenizer.convert_tokens_to_ids(name)
-    cfg = t.Glm46VConfig()
-    if tiny:  # hfbase.py --tiny
-        cfg.text_config.update({"hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 256,
-                                "num_attention_heads": 2, "num_key_value_heads": 1})
-        cfg.vision_config.update({"hidden_size": 64, "depth": 2, "intermediate_size": 128, "num_heads": 4,
-                                  "out_hidden_size": 256})
-    cfg.text_config.rope_parameters = {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5,
-                                       "mrope_section": [8, 12, 12]}
-    # Special tokens as the demo tokenizer numbers them (the vocabulary stays 151,552 wide).
-    cfg.image_token_id, cfg.video_token_id = ids("<|image|>"), ids("<|video|>")
-    cfg.image_start_token_id, cfg.image_end_token_id = ids("<|begin_of_image|>"), ids("<|end_of_image|>")
-    cfg.video_start_token_id, cfg.video_end_token_id = ids("<|begin_of_video|>"), ids("<|end_of_video|>")
-    cfg.text_config.pad_token_id = ids("<|endoftext|>")
+    config, processor, generation = glm46v_shape(tiny)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = t.Glm46VForConditionalGeneration._from_config(cfg, dtype=dtype).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids(name) for name in EOS_TOKENS], pad_token_id=ids("<|endoftext|>"), do_sample=False
-    )
-    processor = t.Glm46VProcessor(
-        image_processor=t.Glm46VImageProcessor(), tokenizer=tokenizer,
-        video_processor=t.Glm46VVideoProcessor(), chat_template=CHAT_TEMPLATE,
-    )
+        model = t.Glm46VForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config = generation
     settings = ModelSettings(id="glm-4.6v-flash-random" + ("-tiny" if tiny else ""), path="(random weights)",
                              device=str(device), dtype={v: k for k, v in _DTYPES.items()}[dtype], max_model_len=16384)
     return Engine(settings, model, processor, device)
@@ -170,6 +148,7 @@ class Run:
     tokens: list[list[int]] = field(default_factory=list)  # each row's generated ids
     texts: list[str] = field(default_factory=list)
     first_callback_s: float | None = None  # engine: the first on_step call that carried text
+    row_ttft_s: list[float] = field(default_factory=list)  # engine: each row's first token (baseline: all at ttft_s)
 
 
 def _sync(device: torch.device) -> None:
@@ -259,7 +238,8 @@ def run_engine(engine: Engine, batch: list[PreparedRequest]) -> Run:
     # has no text of its own (e.g. ids outside a small tokenizer's vocabulary).
     seen = [d.first_token_at for d in detokenizers if getattr(d, "first_token_at", None) is not None]
     first_token = min(seen) if seen else first[0]
-    return Run(first_token - start, total, tokens, texts, first_callback_s=first[0] - start)
+    rows = [t - start for t in seen] if len(seen) == len(batch) else []
+    return Run(first_token - start, total, tokens, texts, first_callback_s=first[0] - start, row_ttft_s=rows)
 
 
 def figures(runs: list[Run], batch: int, new_tokens: int) -> dict[str, float]:
@@ -267,8 +247,12 @@ def figures(runs: list[Run], batch: int, new_tokens: int) -> dict[str, float]:
     ttft = statistics.median(r.ttft_s for r in runs)
     total = statistics.median(r.total_s for r in runs)
     decode = statistics.median((new_tokens - 1) / max(r.total_s - r.ttft_s, 1e-9) for r in runs) if new_tokens > 1 else None
+    # Rows of one generate() call all get their first token at once; the continuous engine's rows
+    # each get theirs after their own prefill, which a burst larger than max_prefill_tokens spreads out.
+    row_ttft = [statistics.median(r.row_ttft_s) if r.row_ttft_s else r.ttft_s for r in runs]
     return {
         "ttft_s": ttft,
+        "ttft_p50_s": statistics.median(row_ttft),
         "total_s": total,
         "tok_s_per_seq": new_tokens / total,
         "decode_tok_s_per_seq": decode,
@@ -413,14 +397,14 @@ def run_arrival(cengine: ContinuousEngine, batch: list[PreparedRequest], new_tok
     }
 
 
-_HEADER = (f"{'B':>4} {'path':<11}{'TTFT s':>9}{'wall s':>9}{'tok/s/seq':>11}{'decode tok/s/seq':>18}"
+_HEADER = (f"{'B':>4} {'path':<11}{'TTFT s':>9}{'P50':>7}{'wall s':>9}{'tok/s/seq':>11}{'decode tok/s/seq':>18}"
            f"{'total tok/s':>13}{'ratio':>8}  equal")
 
 
 def print_level(level: dict[str, Any]) -> None:
     def row(name: str, f: dict, ratio: str = "", equal: str = "") -> str:
         decode = "-" if f["decode_tok_s_per_seq"] is None else f"{f['decode_tok_s_per_seq']:.1f}"
-        return (f"{level['batch_size']:>4} {name:<11}{f['ttft_s']:>9.3f}{f['total_s']:>9.3f}{f['tok_s_per_seq']:>11.1f}"
+        return (f"{level['batch_size']:>4} {name:<11}{f['ttft_s']:>9.3f}{f['ttft_p50_s']:>7.3f}{f['total_s']:>9.3f}{f['tok_s_per_seq']:>11.1f}"
                 f"{decode:>18}{f['total_tok_s']:>13.1f}{ratio:>8}  {equal}")
 
     print(row("baseline", level["baseline"]), flush=True)
@@ -477,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="continuous: tokens per slot (default: the model config's max_model_len)")
     parser.add_argument("--cuda-graphs", action="store_true", help="continuous: capture decode steps in CUDA graphs")
     parser.add_argument("--compile", action="store_true", help="continuous: torch.compile the decode step")
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--warmup-max-len", type=int, default=1024,
                         help="continuous with --cuda-graphs: cache spans captured at load")
     parser.add_argument("--arrival-after", type=int, default=16,
@@ -491,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny and not args.random_glm46v_shape:
         parser.error("--tiny goes with --random-glm46v-shape")
 
+    # The engines log to Ray Serve's logger (graph captures, compile times): show it on stderr here.
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(logging.INFO)
+    serve_logger.addHandler(logging.StreamHandler())
     t0 = time.perf_counter()
     engine = load_engine(args)
     load_s = time.perf_counter() - t0
