@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoProcessor,
     GenerationConfig,
@@ -61,6 +62,19 @@ class PreparedRequest:
 StepCallback = Callable[[list[GenerationChunk | None]], None]
 
 
+
+def _random_weights(source: str, dtype: torch.dtype, device: torch.device):
+    """The checkpoint's architecture with freshly initialised weights, made on `device` directly
+    (a 10B model is built in a second there, where initialising it on a CPU takes minutes)."""
+    config = AutoConfig.from_pretrained(source)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: the defaults derived from the config stay
+        pass
+    return model
+
 class Engine:
     """Prompts in, streamed text out, over a model and processor already in memory."""
 
@@ -93,11 +107,15 @@ class Engine:
         )
         dtype = _DTYPES.get(settings.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         processor = AutoProcessor.from_pretrained(source)
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=dtype, **load_kwargs(source, device, settings.quantization)
-        )
+        if settings.load_format == "dummy":
+            model = _random_weights(source, dtype, device)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=dtype, **load_kwargs(source, device, settings.quantization)
+            )
         engine = cls(settings, model.to(device).eval(), processor, device)
-        logger.info("Loaded %s on %s (%s, quantization=%s)", source, device, dtype, engine.quantization)
+        logger.info("Loaded %s on %s (%s, quantization=%s%s)", source, device, dtype, engine.quantization,
+                    ", random weights" if settings.load_format == "dummy" else "")
         return engine
 
     def _eos_ids(self) -> set[int]:

@@ -122,7 +122,11 @@ class ContinuousEngineSettings(_Settings):
     )
     cuda_graphs: bool = Field(False, description="Capture decode steps in CUDA graphs (CUDA only).")
     compile: bool = Field(False, description="torch.compile the decode step (then captured, with cuda_graphs).")
-    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode for the decode step.")
+    compile_mode: str = Field(
+        "default",
+        description="torch.compile mode for the decode step (one without CUDA graphs of its own: they are captured "
+        "here). 'max-autotune-no-cudagraphs' tunes every GEMM shape: much longer to start, not measured faster.",
+    )
     warmup_max_len: int = Field(
         1024, ge=0,
         description="With cuda_graphs, graphs for cache lengths up to this are captured at load; longer ones "
@@ -145,6 +149,11 @@ class ModelSettings(_Settings):
     path: str = Field(description="Local checkpoint directory or a hub id.")
     make_demo_if_missing: bool = Field(
         False, description="Build the embedded demo checkpoint at `path` when it does not exist."
+    )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto",
+        description="'dummy': the checkpoint's config, processor and tokenizer with random weights (as vLLM's "
+        "--load-format dummy), to benchmark a model's shape where its weights are not at hand.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")
