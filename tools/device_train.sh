@@ -2,7 +2,7 @@
 # Train the demo model on a leased GPU machine (the project's `device` tool: torch and
 # transformers there, no network, no pydantic). Several configurations may train side by side;
 # the best by held-out accuracy is packed into $OUT as 15 MB tar parts (the tool returns files of
-# at most 16 MiB). Wheels that machine lacks (transformers 5.24, Pillow) travel in .whl/.
+# at most 16 MiB). What that machine lacks travels in .devbundle/ or .whl/ (tools/device_env.sh).
 #
 #   bash tools/device_train.sh BUDGET_S "NAME:key=value key=value" ["NAME2:..."]
 #   INIT=ckpt_in/export-X bash tools/device_train.sh 300 "F:lr=3e-4 warmup_steps=100"   # continue
@@ -10,8 +10,7 @@
 # Side by side, the runs share the GPU by time-slicing: each is about as slow as all of them
 # together would be one after another, so use it to compare configurations, not to go faster.
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source tools/device_env.sh || exit 1
 BUDGET=$1; shift
 INIT=${INIT:-}
 mkdir -p logs
