@@ -316,6 +316,28 @@ def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(
         compiled.close()
 
 
+def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_variant(engine) -> None:
+    """On the 40-layer GLM-4.6V shape one compilation takes minutes (benchmarks/RESULTS.md), so the
+    step must not recompile per (batch, span, sampled) key: one dynamic-shape compilation, one for
+    batch 1 (PyTorch specialises sizes of 1), and sampling, which runs eagerly, adds none."""
+    from torch._dynamo.utils import counters
+
+    compiled = continuous(engine, max_slots=8, batch_buckets=[1, 2, 4, 8], compile=True, compile_mode="default")
+    try:
+        before = counters["stats"]["unique_graphs"]
+
+        def every_key() -> None:  # all slots idle: the steps change nothing a request reads
+            for span in (256, 512):
+                for rows in (8, 4, 2, 1):
+                    for sampled in (False, True):
+                        compiled.runner.run((rows, span, sampled))
+
+        compiled.call(every_key)
+        assert counters["stats"]["unique_graphs"] - before == 2
+    finally:
+        compiled.close()
+
+
 def test_a_request_cancelled_while_waiting_for_a_slot_is_dropped_at_once(engine) -> None:
     one = continuous(engine, max_slots=1)
     try:

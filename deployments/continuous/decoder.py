@@ -82,7 +82,8 @@ class Glm4vDecoder:
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         self.eos_mask[[i for i in sorted(eos_ids) if i < vocab]] = True
         self.row_ids = torch.arange(cache.slots, device=device)
-        self.span_ids = torch.arange(cache.max_len, device=device)
+        # As long as the cache's positions, one more than any span (see SlotKVCache).
+        self.span_ids = torch.arange(cache.keys[0].shape[2], device=device)
 
     # ---- prefill ---------------------------------------------------------------------------
 

@@ -124,7 +124,7 @@ class ContinuousEngine(Engine):
         if device.type != "cuda":
             return wanted
         layers, kv_heads, max_len, head_dim = shape
-        per_slot = 2 * layers * kv_heads * max_len * head_dim * torch.empty((), dtype=dtype).element_size()
+        per_slot = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.empty((), dtype=dtype).element_size()  # its spare position too
         free, _ = torch.cuda.mem_get_info(device)
         fits = int(free * self.options.kv_cache_memory_fraction // per_slot)
         if fits < wanted:

@@ -25,7 +25,11 @@ class SlotKVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.slots, self.max_len = slots, max_len
-        shape = (slots, kv_heads, max_len, head_dim)
+        # One spare position past max_len, never read: attention's span of the cache is then always a
+        # strict prefix. A span of the whole tensor is a different case to torch.compile (contiguity),
+        # which would compile the step twice more, minutes each on a GPU, the first time a sequence
+        # grows that long.
+        shape = (slots, kv_heads, max_len + 1, head_dim)
         # Zeros, not empty: inactive rows attend over these, and NaN garbage would make their (ignored)
         # outputs NaN, which is harmless but noisy in debugging.
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
