@@ -191,3 +191,39 @@ def test_random_glm46v_shape_runs_tiny_on_cpu(capsys: pytest.CaptureFixture) -> 
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "glm-4.6v-flash-random-tiny" in printed and "greedy outputs of engine == generate(): yes" in printed
+
+
+# ---- the serving overhead: engine alone vs the same workload over HTTP --------------------------
+
+
+@pytest.mark.integration
+def test_serving_overhead_reads_the_engine_and_http_figures_of_one_workload(
+    server, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    spec = importlib.util.spec_from_file_location("serving_overhead", ROOT / "benchmarks" / "serving_overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    engine_json, e2e_json, table_json = tmp_path / "engine.json", tmp_path / "e2e-c3.json", tmp_path / "rows.json"
+    assert load_engine_bench().main([
+        "--model", "configs/models/demo.yaml", "--device", "cpu", "--batch-sizes", "3", "--new-tokens", "8",
+        "--image-size", "64x64", "--engines", "continuous", "--warmup", "0", "--arrival-after", "0",
+        "--json", str(engine_json),
+    ]) == 0
+    assert bench.main([
+        "--base-url", f"{server.base_url}/v1", "--num-requests", "3", "--concurrency", "3", "--output-tokens", "8",
+        "--image-size", "64x64", "--out", str(e2e_json), "--no-progress",
+    ]) == 0
+    capsys.readouterr()
+    assert overhead.main([str(engine_json), str(e2e_json), "--json", str(table_json)]) == 0
+    printed = capsys.readouterr().out
+    [row] = json.loads(table_json.read_text())
+    assert row["concurrency"] == 3 and row["requests"] == 3
+    assert row["engine_tok_s"] > 0 and row["http_tok_s"] > 0
+    assert row["ratio"] == pytest.approx(row["http_tok_s"] / row["engine_tok_s"])
+    assert 0 < row["http_ttft_p50_s"] and 0 < row["engine_ttft_s"]
+    assert printed.splitlines()[1].split()[:2] == ["3", "3"]
+
+    mismatched = json.loads(e2e_json.read_text())
+    mismatched["config"]["output_tokens"] = 9
+    with pytest.raises(SystemExit, match="output tokens differ"):
+        overhead.rows(json.loads(engine_json.read_text()), [mismatched])

@@ -1,14 +1,21 @@
 #!/bin/bash
-# End to end on the leased GPU machine: the whole Ray application (ingress, preprocessing, model
-# stage) serving GLM-4.6V-Flash's shape with random weights, driven over HTTP by `vlm-serve bench`.
-#   run(command="bash tools/device_e2e.sh 1,8,32", carry=[".devbundle"] (tools/device_site.sh))
-# Arguments: the concurrency levels (each sends 2 x its concurrency requests, at least 4).
-# Every figure lands in $OUT: e2e-cN.json per level, and serve.log.
+# End to end on the leased GPU machine, and the serving overhead: first the model stage alone
+# (benchmarks/engine_bench.py, the continuous engine with the same settings as the served config:
+# CUDA graphs, no compile), then the whole Ray application (ingress, preprocessing, model stage)
+# serving GLM-4.6V-Flash's shape with random weights, driven over HTTP by `vlm-serve bench` with
+# the same workload; benchmarks/serving_overhead.py prints the ratio per concurrency level.
+#   here:  ../shared/tools/device-bundle.sh && tools/device_site.sh
+#   run(command="bash tools/device_e2e.sh 1,8,32", carry=[".devbundle"])      (about 5 minutes)
+# Arguments: the concurrency levels; each sends max(N, 4) requests at concurrency N (one burst).
+# Every figure lands in $OUT: engine.json, e2e-cN.json per level, overhead.json, serve.log.
 set -o pipefail
 source tools/device_env.sh || exit 1
 levels=${1:-1,8,32}
 # Fail in a second, not after the ready timeout, when the application cannot even be imported.
 python3 -c "import serve_app.app" || exit 1
+python3 benchmarks/engine_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
+  --new-tokens 128 --image-size 448x448 --engines continuous --cuda-graphs --warmup-max-len 1024 \
+  --json "$OUT/engine.json" 2>&1 | grep -v "processor_kwargs\|Captured the decode step" || exit 1
 python3 benchmarks/glm46v_shape.py checkpoints/glm-4.6v-flash-shape || exit 1
 serve run configs/serve/glm-4.6v-shape-bench.yaml > "$OUT/serve.log" 2>&1 &
 server=$!
@@ -21,10 +28,12 @@ until curl -sf http://127.0.0.1:8000/v1/models > /dev/null; do
   sleep 2
 done
 echo "ready after $(( $(date +%s) - started )) s"
+reports=()
 for c in ${levels//,/ }; do
-  n=$(( 2 * c > 4 ? 2 * c : 4 ))
-  python3 -m serve_app.cli bench --concurrency "$c" --num-requests "$n" --image-size 448x448 --output-tokens 128 \
-    --no-progress --out "$OUT/e2e-c$c.json" 2>&1 | tail -7
+  python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( c > 4 ? c : 4 )) --image-size 448x448 \
+    --output-tokens 128 --no-progress --out "$OUT/e2e-c$c.json" 2>&1 | tail -7
+  reports+=("$OUT/e2e-c$c.json")
 done
-kill -INT $server; wait $server
-grep -a "Continuous engine\|Captured [0-9]* decode" "$OUT/serve.log" | tail -3
+python3 benchmarks/serving_overhead.py "$OUT/engine.json" "${reports[@]}" --json "$OUT/overhead.json"
+# A background job ignores SIGINT in a script, so `serve run` is not stopped that way: stop Ray itself.
+pkill -P $server; kill $server 2> /dev/null; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1

@@ -1,0 +1,68 @@
+"""The serving overhead: the same workload through Ray Serve and HTTP against the engine alone.
+
+    python benchmarks/serving_overhead.py engine.json e2e-c1.json e2e-c8.json e2e-c32.json
+
+`engine.json` is `benchmarks/engine_bench.py --json` (the continuous engine, no Ray, no HTTP);
+each `e2e-cN.json` is `vlm-serve bench --concurrency N --out` against a server running the same
+model and engine settings (tools/device_e2e.sh makes both in one run). Per concurrency level it
+prints both output tok/s, their ratio and the overhead (1 - ratio; issue 7's target: <= 5% at 32),
+and the engine's time to first token next to the HTTP client's P50.
+
+The workloads match where `vlm-serve bench` sends N requests at concurrency N (one burst, as the
+engine bench's batch of N) with the engine bench's image size, prompt and output tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def rows(engine: dict[str, Any], e2e_reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    levels = {level["batch_size"]: level for level in engine["levels"]}
+    out = []
+    for report in e2e_reports:
+        concurrency = report["config"]["concurrency"]
+        level = levels.get(concurrency)
+        if level is None or "continuous" not in level:
+            raise SystemExit(f"{engine.get('command', 'engine.json')} has no continuous-engine level {concurrency}")
+        if report["config"]["output_tokens"] != engine["new_tokens"]:
+            raise SystemExit(f"output tokens differ: {report['config']['output_tokens']} over HTTP, "
+                             f"{engine['new_tokens']} at the engine")
+        summary = report["summary"]
+        served, alone = summary["output_tokens_per_s"], level["continuous"]["total_tok_s"]
+        out.append({
+            "concurrency": concurrency,
+            "requests": summary["successes"],
+            "engine_tok_s": alone,
+            "http_tok_s": served,
+            "ratio": served / alone,
+            "overhead": 1 - served / alone,
+            "engine_ttft_s": level["continuous"].get("ttft_p50_s", level["continuous"]["ttft_s"]),
+            "http_ttft_p50_s": summary["ttft_s"]["p50"],
+        })
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engine", type=Path, help="engine_bench.py --json output")
+    parser.add_argument("e2e", type=Path, nargs="+", help="vlm-serve bench --out outputs, one per concurrency")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    args = parser.parse_args(argv)
+    table = rows(json.loads(args.engine.read_text()), [json.loads(p.read_text()) for p in args.e2e])
+    print(f"{'conc':>5}{'reqs':>6}{'engine tok/s':>14}{'HTTP tok/s':>12}{'ratio':>8}{'overhead':>10}"
+          f"{'engine TTFT s':>15}{'HTTP TTFT P50 s':>17}")
+    for r in table:
+        print(f"{r['concurrency']:>5}{r['requests']:>6}{r['engine_tok_s']:>14.1f}{r['http_tok_s']:>12.1f}"
+              f"{r['ratio']:>7.2f}x{r['overhead']:>9.1%}{r['engine_ttft_s']:>15.3f}{r['http_ttft_p50_s']:>17.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
