@@ -404,8 +404,8 @@ _HEADER = (f"{'B':>4} {'path':<11}{'TTFT s':>9}{'P50':>7}{'wall s':>9}{'tok/s/se
 def print_level(level: dict[str, Any]) -> None:
     def row(name: str, f: dict, ratio: str = "", equal: str = "") -> str:
         decode = "-" if f["decode_tok_s_per_seq"] is None else f"{f['decode_tok_s_per_seq']:.1f}"
-        return (f"{level['batch_size']:>4} {name:<11}{f['ttft_s']:>9.3f}{f['ttft_p50_s']:>7.3f}{f['total_s']:>9.3f}{f['tok_s_per_seq']:>11.1f}"
-                f"{decode:>18}{f['total_tok_s']:>13.1f}{ratio:>8}  {equal}")
+        return (f"{level['batch_size']:>4} {name:<11}{f['ttft_s']:>9.3f}{f['ttft_p50_s']:>7.3f}{f['total_s']:>9.3f}"
+                f"{f['tok_s_per_seq']:>11.1f}{decode:>18}{f['total_tok_s']:>13.1f}{ratio:>8}  {equal}")
 
     print(row("baseline", level["baseline"]), flush=True)
     for key in PATHS:

@@ -62,7 +62,6 @@ class PreparedRequest:
 StepCallback = Callable[[list[GenerationChunk | None]], None]
 
 
-
 def _random_weights(source: str, dtype: torch.dtype, device: torch.device):
     """The checkpoint's architecture with freshly initialised weights, made on `device` directly
     (a 10B model is built in a second there, where initialising it on a CPU takes minutes)."""
@@ -74,6 +73,7 @@ def _random_weights(source: str, dtype: torch.dtype, device: torch.device):
     except OSError:  # no generation_config.json: the defaults derived from the config stay
         pass
     return model
+
 
 class Engine:
     """Prompts in, streamed text out, over a model and processor already in memory."""

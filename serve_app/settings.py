@@ -153,7 +153,8 @@ class ModelSettings(_Settings):
     load_format: Literal["auto", "dummy"] = Field(
         "auto",
         description="'dummy': the checkpoint's config, processor and tokenizer with random weights (as vLLM's "
-        "--load-format dummy), to benchmark a model's shape where its weights are not at hand.",
+        "--load-format dummy), to benchmark a model's shape where its weights are not at hand. The weights are made "
+        "unquantized, in `dtype` (a GPTQ checkpoint's layout is not reproduced).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto' picks cuda when present, else cpu.")

@@ -124,7 +124,8 @@ class ContinuousEngine(Engine):
         if device.type != "cuda":
             return wanted
         layers, kv_heads, max_len, head_dim = shape
-        per_slot = 2 * layers * kv_heads * (max_len + 1) * head_dim * torch.empty((), dtype=dtype).element_size()  # its spare position too
+        positions = max_len + 1  # SlotKVCache's spare position included
+        per_slot = 2 * layers * kv_heads * positions * head_dim * torch.empty((), dtype=dtype).element_size()
         free, _ = torch.cuda.mem_get_info(device)
         fits = int(free * self.options.kv_cache_memory_fraction // per_slot)
         if fits < wanted:

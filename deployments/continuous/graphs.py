@@ -46,11 +46,7 @@ class StepRunner:
         if self.compiled:
             if self.use_graphs and "reduce-overhead" in settings.compile_mode:
                 raise ValueError("compile_mode must not capture CUDA graphs itself when cuda_graphs is on")
-            # Each (B, L, sampled) is a new shape; automatic dynamic shapes make B and L symbolic after
-            # the first recompilation, but allow a few more before torch falls back to eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # The model's forward only: the step's sampling stays eager (see Glm4vDecoder.forward).
-            decoder.forward = torch.compile(decoder.forward, mode=settings.compile_mode, fullgraph=False, dynamic=True)
+            decoder.compile_forward(settings.compile_mode)
         self._graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
