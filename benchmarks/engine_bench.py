@@ -431,6 +431,7 @@ def continuous_engine(engine: Engine, args: argparse.Namespace) -> ContinuousEng
     options = ContinuousEngineSettings(
         max_slots=args.max_slots or max(sizes), cuda_graphs=args.cuda_graphs, compile=args.compile,
         compile_mode=args.compile_mode, warmup_max_len=args.warmup_max_len,
+        **({"max_prefill_tokens": args.max_prefill_tokens} if args.max_prefill_tokens else {}),
     )
     update: dict[str, Any] = {"continuous": options}
     if args.max_model_len:
@@ -462,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true", help="continuous: capture decode steps in CUDA graphs")
     parser.add_argument("--compile", action="store_true", help="continuous: torch.compile the decode step")
     parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None,
+                        help="continuous: padded prompt tokens per prefill pass (default: the settings')")
     parser.add_argument("--warmup-max-len", type=int, default=1024,
                         help="continuous with --cuda-graphs: cache spans captured at load")
     parser.add_argument("--arrival-after", type=int, default=16,

@@ -10,7 +10,7 @@ ray_tar=${1:-.devbundle/ray.tar.xz}
 # The project's own runtime dependencies that the GPU machine's image lacks (it has torch, numpy,
 # tokenizers, safetensors, huggingface-hub, httpx, PyYAML, filelock and tqdm).
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform any -d .whl "cachetools>=5.3"
+  --platform manylinux_2_28_x86_64 --platform any -d .whl "cachetools>=5.3" httpx2 httpcore2 truststore
 tmp=$(mktemp -d)
 tar -xJf "$ray_tar" -C "$tmp"
 rm -rf "$tmp/ray/dashboard/client"
