@@ -1,7 +1,7 @@
 #!/bin/bash
 # End to end on the leased GPU machine, and the serving overhead: first the model stage alone
 # (benchmarks/engine_bench.py, the continuous engine with the same settings as the served config:
-# CUDA graphs, no compile), then the whole Ray application (ingress, preprocessing, model stage)
+# CUDA graphs and torch.compile), then the whole Ray application (ingress, preprocessing, model stage)
 # serving GLM-4.6V-Flash's shape with random weights, driven over HTTP by `vlm-serve bench` with
 # the same workload; benchmarks/serving_overhead.py prints the ratio per concurrency level.
 #   here:  ../shared/tools/device-bundle.sh && tools/device_site.sh
@@ -17,9 +17,9 @@ if [ -n "${PREFILL_PROFILE:-}" ]; then  # where prefill's time goes (benchmarks/
   python3 benchmarks/prefill_profile.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
     --profile-batch "${levels##*,}" --json "$OUT/prefill.json" 2>&1 | grep -v "processor_kwargs" || exit 1
 fi
-# --max-prefill-tokens as configs/models/glm-4.6v-flash-dummy.yaml has it.
+# The engine options as configs/models/glm-4.6v-flash-dummy.yaml has them.
 python3 benchmarks/engine_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
-  --new-tokens 128 --image-size 448x448 --engines continuous --cuda-graphs --warmup-max-len 1024 \
+  --new-tokens 128 --image-size 448x448 --engines continuous --cuda-graphs --compile --warmup-max-len 1024 \
   --max-prefill-tokens 2048 \
   --json "$OUT/engine.json" 2>&1 | grep -v "processor_kwargs\|Captured the decode step"
 # Its exit status says whether greedy outputs equal generate()'s, which random bf16 weights' flat
@@ -31,7 +31,7 @@ server=$!
 started=$(date +%s)
 until curl -sf http://127.0.0.1:8000/v1/models > /dev/null; do
   if ! kill -0 $server 2> /dev/null || grep -q "Deploying app 'vlm' failed" "$OUT/serve.log" \
-      || (( $(date +%s) - started > ${READY_TIMEOUT_S:-240} )); then
+      || (( $(date +%s) - started > ${READY_TIMEOUT_S:-420} )); then
     echo "the server did not come up"; tail -50 "$OUT/serve.log"; kill $server 2> /dev/null; exit 1
   fi
   sleep 2

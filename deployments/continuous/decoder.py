@@ -84,6 +84,7 @@ class Glm4vDecoder:
         self.row_ids = torch.arange(cache.slots, device=device)
         # As long as the cache's positions, one more than any span (see SlotKVCache).
         self.span_ids = torch.arange(cache.keys[0].shape[2], device=device)
+        self._layer = self.layer  # compile_forward swaps in the compiled one
 
     # ---- prefill ---------------------------------------------------------------------------
 
@@ -142,9 +143,9 @@ class Glm4vDecoder:
 
     def forward(self, rows: int, span: torch.Tensor) -> torch.Tensor:
         """The language model over slots 0..rows-1: the next-token logits [rows, vocab], each new
-        token's key/value written into its slot. This is the part `torch.compile` gets (graphs.py):
-        sampling stays eager, since inductor fails on its sort/scatter over the vocabulary (torch
-        2.11), and inside a CUDA graph its few kernels cost nothing to launch anyway."""
+        token's key/value written into its slot. Its layers are what `torch.compile` gets
+        (`compile_forward`): sampling stays eager, since inductor fails on its sort/scatter over the
+        vocabulary (torch 2.11), and inside a CUDA graph its few kernels cost nothing to launch anyway."""
         state = self.state
         tokens, length = state.last_token[:rows], state.length[:rows]
         hidden = self.embed(tokens)[:, None, :]
@@ -153,15 +154,17 @@ class Glm4vDecoder:
         # length); clamping keeps their writes inside their own slot.
         write_at = length.clamp(max=span.shape[0] - 1)
         visible = (span[None, :] <= length[:, None])[:, None, None, :]
-        for index, layer in enumerate(self.layers):
-            hidden = self.layer(index, layer, hidden, cos, sin, write_at, visible)
+        for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
+            hidden = self._layer(layer, cache_k, cache_v, hidden, cos, sin, write_at, visible)
         return self.lm_head(self.norm(hidden))[:, 0]
 
     def compile_forward(self, mode: str) -> None:
-        """Have `step` call a torch.compile'd `forward`. Compiled with dynamic shapes from the start:
-        one compilation covers every batch size and span, plus one for batch 1 (sizes of 1 are
-        specialised), where compiling per shape took minutes each on the 40-layer GLM-4.6V shape."""
-        self.forward = torch.compile(self.forward, mode=mode, fullgraph=False, dynamic=True)
+        """Have `forward` run torch.compile'd decoder layers (the layer, not the whole forward: the
+        40 layers are one module class, and dynamo compiles the function once for all of them, its
+        weights and cache tensors being arguments, where the whole 40-layer forward took minutes to
+        compile on the GLM-4.6V shape). Dynamic shapes from the start: one compilation covers every
+        batch size and span, plus one for batch 1 (PyTorch specialises sizes of 1)."""
+        self._layer = torch.compile(self.layer, mode=mode, fullgraph=False, dynamic=True)
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [rows, 1, rotary_dim] for one position per row.
@@ -175,23 +178,24 @@ class Glm4vDecoder:
         sin = (freqs.sin() * self.rope_scale).repeat_interleave(2, dim=-1)
         return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
 
-    def layer(self, index: int, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Glm4vTextDecoderLayer.forward for one token per row, attention over the slot cache."""
+    def layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Glm4vTextDecoderLayer.forward for one token per row, attention over the slot cache (the
+        layer's own keys and values)."""
         residual = hidden
-        attended = self.attention(index, layer.self_attn, layer.input_layernorm(hidden), cos, sin, write_at, visible)
+        attended = self.attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
+                                  write_at, visible)
         hidden = residual + layer.post_self_attn_layernorm(attended)
         residual = hidden
         return residual + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
 
-    def attention(self, index: int, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         rows, span = x.shape[0], visible.shape[-1]
         q = attn.q_proj(x).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        cache_k, cache_v = self.cache.keys[index], self.cache.values[index]
         slots = self.row_ids[:rows]
         cache_k[slots, :, write_at] = k[:, :, 0]
         cache_v[slots, :, write_at] = v[:, :, 0]
