@@ -33,25 +33,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine_bench import load_engine, make_requests  # noqa: E402
+from benchmarks.engine_bench import _sync, load_engine, make_requests  # noqa: E402
 from deployments.continuous import ContinuousEngine  # noqa: E402
 from serve_app.settings import ContinuousEngineSettings  # noqa: E402
 
 
 def timed(device: torch.device, fn) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     start = time.perf_counter()
     result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return time.perf_counter() - start, result
 
 
 @torch.inference_mode()
 def phases(cengine: ContinuousEngine, batch) -> dict[str, float]:
     device, decoder = cengine.device, cengine.decoder
-    collate_s, inputs = timed(device, lambda: cengine._collate([r for r in batch], torch.device("cpu")))
+    collate_s, inputs = timed(device, lambda: cengine._collate(batch, torch.device("cpu")))
     rope_s, _ = timed(device, lambda: decoder.rope_positions(inputs))
     pixels = inputs["pixel_values"].to(device, cengine.model.dtype)
     grid = inputs["image_grid_thw"].to(device)
