@@ -9,14 +9,18 @@ of `--repeats`:
 - collate: left-padding the prompts on the CPU (`Engine._collate`);
 - rope: GLM-4V's 3D positions and deltas (`Glm4vDecoder.rope_positions`, on the CPU);
 - vision: the vision encoder alone over the B images (`get_image_features`);
-- forward: the whole HF forward pass as the engine runs it (vision encoder included);
-- load: copying the prompts' keys and values into their slots (`SlotKVCache.load_prompt`).
+- prefill: the engine's prefill (`Glm4vDecoder.prefill`: vision encoder, its own layer loop writing
+  keys and values straight into the slots), the total's part on the device;
+- hf: the baseline, measured in the same run: the HF model's own forward pass into a
+  `DynamicCache`, then its keys and values copied into the slots (the engine's prefill until
+  2026-11-26).
 `first` is the level's first admission, untimed in the others: what a shape never seen before
-costs (kernel selection, cuDNN attention plans; compilation with `--compile-layers`).
-`--compile-layers` compiles each decoder layer of the language model and each block of the vision
-encoder (`nn.Module.compile`, dynamic shapes), PyTorch's regional compilation: identical layers
-share one compiled graph. With `--profile-batch B` the forward pass at B also runs under torch.profiler, and the operators
-taking the most device time are printed.
+costs (kernel selection, cuDNN attention plans; compilation with `--compile`).
+`--compile` compiles the engine's layers as `compile: true` does; `--compile-vision` also each block
+of the vision encoder (`nn.Module.compile`, dynamic shapes: PyTorch's regional compilation; the
+engine does not, since every new number of images in a pass recompiles them, up to dynamo's limit). With
+`--profile-batch B` the prefill at B also runs under torch.profiler, and the operators taking the
+most device time are printed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +51,22 @@ def timed(device: torch.device, fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def hf_forward(cengine: ContinuousEngine, inputs: dict[str, torch.Tensor], slots: int) -> None:
+    """The baseline: the HF model's forward pass into a DynamicCache, then each prompt's keys and
+    values copied into slots 0..rows-1."""
+    device, model = cengine.device, cengine.model
+    position_ids, _ = cengine.decoder.rope_positions(inputs)
+    on_device = {k: v.to(device) for k, v in inputs.items()}
+    on_device["pixel_values"] = on_device["pixel_values"].to(model.dtype)
+    out = model(**on_device, position_ids=position_ids.to(device), cache=DynamicCache(config=model.config),
+                use_cache=True, logits_to_keep=1)
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    for cache_k, cache_v, layer in zip(cengine.cache.keys, cengine.cache.values, out.cache.layers):
+        for j, n in enumerate(lengths[:slots]):
+            cache_k[j, :, :n].copy_(layer.keys[j, :, -n:])
+            cache_v[j, :, :n].copy_(layer.values[j, :, -n:])
+
+
 @torch.inference_mode()
 def phases(cengine: ContinuousEngine, batch) -> dict[str, float]:
     device, decoder = cengine.device, cengine.decoder
@@ -54,16 +75,9 @@ def phases(cengine: ContinuousEngine, batch) -> dict[str, float]:
     pixels = inputs["pixel_values"].to(device, cengine.model.dtype)
     grid = inputs["image_grid_thw"].to(device)
     vision_s, _ = timed(device, lambda: cengine.model.model.get_image_features(pixels, grid))
-    forward_s, prefill = timed(device, lambda: decoder.prefill(inputs, device))
-
-    def load() -> None:
-        for j, request in enumerate(batch):
-            n = request.prompt_tokens
-            cengine.cache.load_prompt(j, [k[j, :, -n:] for k in prefill.keys], [v[j, :, -n:] for v in prefill.values])
-
-    load_s, _ = timed(device, load)
-    return {"collate_s": collate_s, "rope_s": rope_s, "vision_s": vision_s, "forward_s": forward_s,
-            "load_s": load_s, "total_s": collate_s + forward_s + load_s}
+    prefill_s, _ = timed(device, lambda: decoder.prefill(inputs, 0, device))
+    hf_s, _ = timed(device, lambda: hf_forward(cengine, inputs, len(batch)))
+    return {"collate_s": collate_s, "rope_s": rope_s, "vision_s": vision_s, "prefill_s": prefill_s, "hf_s": hf_s}
 
 
 @torch.inference_mode()
@@ -74,7 +88,7 @@ def profile(cengine: ContinuousEngine, batch, rows: int = 20) -> str:
     inputs = cengine._collate(batch, torch.device("cpu"))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cengine.device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        cengine.decoder.prefill(inputs, cengine.device)
+        cengine.decoder.prefill(inputs, 0, cengine.device)
         if cengine.device.type == "cuda":
             torch.cuda.synchronize(cengine.device)
     key = "self_cuda_time_total" if cengine.device.type == "cuda" else "self_cpu_time_total"
@@ -94,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="Describe this image in detail.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile-batch", type=int, default=None)
-    parser.add_argument("--compile-layers", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-vision", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -103,15 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     options = ContinuousEngineSettings(max_slots=max(sizes), cuda_graphs=False)
     cengine = ContinuousEngine(engine.settings.model_copy(update={"continuous": options}), engine.model,
                                engine.processor, engine.device)
-    if args.compile_layers:
-        inner = engine.model.model
-        for block in [*inner.language_model.layers, *inner.visual.blocks]:
+    if args.compile:
+        cengine.decoder.compile_forward("default")
+    if args.compile_vision:
+        for block in engine.model.model.visual.blocks:
             block.compile(dynamic=True)
     width, height = (int(v) for v in args.image_size.split("x"))
     gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else str(engine.device)
     print(f"{engine.settings.id} ({engine.model.dtype}) on {gpu} | image {args.image_size} | median of {args.repeats}")
-    print(f"{'B':>4}{'tokens':>8}{'collate':>9}{'rope':>9}{'vision':>9}{'forward':>9}{'load':>9}{'total':>9}"
-          f"{'ms/row':>9}{'first':>9}")
+    print(f"{'B':>4}{'tokens':>8}{'collate':>9}{'rope':>9}{'vision':>9}{'prefill':>9}{'ms/row':>9}{'hf':>9}"
+          f"{'ratio':>7}{'first':>9}")
     levels = []
     try:
         for b in sizes:
@@ -119,22 +135,23 @@ def main(argv: list[str] | None = None) -> int:
             first = phases(cengine, batch)  # also the warm-up: cuBLAS handles, kernel selection
             runs = [phases(cengine, batch) for _ in range(args.repeats)]
             level = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            level.update(batch=b, prompt_tokens=batch[0].prompt_tokens, first_s=first["total_s"])
+            level.update(batch=b, prompt_tokens=batch[0].prompt_tokens, first_s=first["prefill_s"],
+                         hf_over_prefill=level["hf_s"] / level["prefill_s"])
             levels.append(level)
             ms = {k: level[k] * 1e3 for k in runs[0]}
             print(f"{b:>4}{b * batch[0].prompt_tokens:>8}{ms['collate_s']:>9.1f}{ms['rope_s']:>9.1f}"
-                  f"{ms['vision_s']:>9.1f}{ms['forward_s']:>9.1f}{ms['load_s']:>9.1f}{ms['total_s']:>9.1f}"
-                  f"{ms['total_s'] / b:>9.1f}{first['total_s'] * 1e3:>9.1f}", flush=True)
+                  f"{ms['vision_s']:>9.1f}{ms['prefill_s']:>9.1f}{ms['prefill_s'] / b:>9.1f}{ms['hf_s']:>9.1f}"
+                  f"{level['hf_over_prefill']:>7.2f}{first['prefill_s'] * 1e3:>9.1f}", flush=True)
         # One more request of a prompt length not seen yet: a new shape at B=1, cold then warm.
         fresh = make_requests(engine, 1, (width, height), args.prompt + " Be brief.", 8, args.seed + 1)
         cold, warm = phases(cengine, fresh), phases(cengine, fresh)
-        print(f"B=1, a new prompt length ({fresh[0].prompt_tokens} tokens): first {cold['total_s'] * 1e3:.1f} ms, "
-              f"then {warm['total_s'] * 1e3:.1f} ms", flush=True)
-        levels.append({"batch": 1, "prompt_tokens": fresh[0].prompt_tokens, "new_shape_first_s": cold["total_s"],
-                       "new_shape_then_s": warm["total_s"]})
+        print(f"B=1, a new prompt length ({fresh[0].prompt_tokens} tokens): first {cold['prefill_s'] * 1e3:.1f} ms, "
+              f"then {warm['prefill_s'] * 1e3:.1f} ms", flush=True)
+        levels.append({"batch": 1, "prompt_tokens": fresh[0].prompt_tokens, "new_shape_first_s": cold["prefill_s"],
+                       "new_shape_then_s": warm["prefill_s"]})
         if args.profile_batch:
             batch = make_requests(engine, args.profile_batch, (width, height), args.prompt, 8, args.seed)
-            print(f"\nforward pass at B={args.profile_batch}, operators by device time:")
+            print(f"\nprefill at B={args.profile_batch}, operators by device time:")
             print(profile(cengine, batch))
     finally:
         cengine.close()

@@ -127,6 +127,12 @@ class ContinuousEngineSettings(_Settings):
         description="torch.compile mode for the decode step (one without CUDA graphs of its own: they are captured "
         "here). 'max-autotune-no-cudagraphs' tunes every GEMM shape: much longer to start, not measured faster.",
     )
+    switch_interval_s: float | None = Field(
+        0.0005, gt=0, le=0.1,
+        description="On a GPU, the replica process's GIL switch interval (sys.setswitchinterval): the engine "
+        "thread waits at most about this long for the GIL while the event loop that streams the tokens holds "
+        "it. Python's default, 5 ms, is half a decode step. None: leave it as it is.",
+    )
     warmup_max_len: int = Field(
         1024, ge=0,
         description="With cuda_graphs, graphs for cache lengths up to this are captured at load; longer ones "

@@ -20,7 +20,7 @@ fi
 # The engine options as configs/models/glm-4.6v-flash-dummy.yaml has them.
 python3 benchmarks/engine_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
   --new-tokens 128 --image-size 448x448 --engines continuous --cuda-graphs --compile --warmup-max-len 1024 \
-  --max-prefill-tokens 2048 \
+  --max-prefill-tokens 4096 \
   --json "$OUT/engine.json" 2>&1 | grep -v "processor_kwargs\|Captured the decode step"
 # Its exit status says whether greedy outputs equal generate()'s, which random bf16 weights' flat
 # logits do not keep for long (benchmarks/RESULTS.md); what matters here is that it wrote figures.

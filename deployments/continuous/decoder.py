@@ -1,20 +1,25 @@
-"""GLM-4V's language model as the continuous engine runs it: HF prefill, own decode step.
+"""GLM-4V's language model as the continuous engine runs it, on the HF model's own modules.
 
-Prefill is the model's own forward pass (vision encoder, image-token merge, multimodal rotary
-positions, every layer), so the prompt is read exactly as `generate()` reads it; its keys and
-values are then copied into the request's slot.
-
-The decode step is a re-statement of `Glm4vTextModel.forward` for one new token per slot, on the
-same modules (so the same weights, quantized linears included):
-  x = embed(token); per layer: x += post_self_attn_norm(attn(input_norm(x))),
-                               x += post_mlp_norm(mlp(post_attention_norm(x)));
+Both passes re-state `Glm4vTextModel.forward` on the same modules (so the same weights, quantized
+linears included):
+  x = embed(tokens); per layer: x += post_self_attn_norm(attn(input_norm(x))),
+                                x += post_mlp_norm(mlp(post_attention_norm(x)));
   logits = lm_head(norm(x)).
-What differs is only how attention finds its keys: the new key/value is written into the slot at
-`length` and attention reads the first L positions of every slot with a length mask. Rotary
-positions need no per-token work: after the prompt, GLM-4V's three mrope components are all
-`length + rope_delta` (see `Glm4vModel.get_rope_index`), so one scalar per slot is enough.
+What differs from HF's forward is only where attention finds its keys and values: in the slot
+cache, written in place, never in a `DynamicCache` copied afterwards.
 
-The step has no data-dependent shapes and no host reads, so it can be compiled and captured.
+Prefill: the HF vision encoder (once per image) and HF's own image-token merge and multimodal
+rotary positions, then the layers over the new prompts laid out *right*-padded, so that row j's
+token t has cache position t in its slot: every layer writes its keys/values for all rows with one
+scatter, and attention is plain causal attention over the new tokens (a real token at t sees only
+positions <= t, all real; a pad token sees real tokens and earlier pads, so it stays finite and is
+never read: decoding overwrites position `length` before it becomes visible).
+
+Decode: one new token per slot, written at `length`; attention reads the first L positions of
+every slot with a length mask. Rotary positions need no per-token work: after the prompt, GLM-4V's
+three mrope components are all `length + rope_delta` (see `Glm4vModel.get_rope_index`), so one
+scalar per slot is enough. The step has no data-dependent shapes and no host reads, so it can be
+compiled and captured.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
+from deployments.continuous import vision
 from deployments.continuous.sampling import RowParams, sample
 from deployments.continuous.slots import SlotKVCache, SlotState
 
@@ -53,11 +58,10 @@ def unsupported_reason(model, kv_cache_quantization: str = "none") -> str | None
 
 @dataclass
 class Prefill:
-    """What one prefill forward pass gives the engine, row by row (rows in the order given)."""
+    """What one prefill pass gives the engine, row by row (rows in the order given); the prompts'
+    keys and values are already in their slots."""
 
     logits: torch.Tensor  # [rows, vocab] at each prompt's last position
-    keys: list[torch.Tensor]  # per layer [rows, kv_heads, width, head_dim], prompts right-aligned
-    values: list[torch.Tensor]
     rope_deltas: list[int]
 
 
@@ -66,7 +70,7 @@ class Glm4vDecoder:
 
     def __init__(self, model, cache: SlotKVCache, state: SlotState, eos_ids: set[int], device: torch.device) -> None:
         self.model = model
-        language_model = model.model.language_model
+        self.language_model = language_model = model.model.language_model
         self.embed = language_model.embed_tokens
         self.layers = language_model.layers
         self.norm = language_model.norm
@@ -84,22 +88,53 @@ class Glm4vDecoder:
         self.row_ids = torch.arange(cache.slots, device=device)
         # As long as the cache's positions, one more than any span (see SlotKVCache).
         self.span_ids = torch.arange(cache.keys[0].shape[2], device=device)
-        self._layer = self.layer  # compile_forward swaps in the compiled one
+        for ids in (self.row_ids, self.span_ids):  # static sizes, as the cache's (see SlotKVCache)
+            torch._dynamo.mark_static(ids)
+        # compile_forward swaps in the compiled ones
+        self._layer, self._prompt_layer = self.layer, self.prompt_layer
+        self.varlen_vision = vision.use_varlen_attention(model, device)
 
     # ---- prefill ---------------------------------------------------------------------------
 
-    def prefill(self, inputs: dict[str, torch.Tensor], device: torch.device) -> Prefill:
-        """Run left-padded prompts (engine._collate's layout, on the CPU) through the HF model."""
+    def prefill(self, inputs: dict[str, torch.Tensor], first_slot: int, device: torch.device) -> Prefill:
+        """Run left-padded prompts (engine._collate's layout, on the CPU) into slots first_slot,
+        first_slot + 1, ...: their keys and values land in the cache, their last logits come back."""
         position_ids, deltas = self.rope_positions(inputs)
-        on_device = {k: v.to(device) for k, v in inputs.items()}
-        if "pixel_values" in on_device:
-            on_device["pixel_values"] = on_device["pixel_values"].to(self.model.dtype)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(**on_device, position_ids=position_ids.to(device), cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        layers = out.cache.layers
-        return Prefill(out.logits[:, -1], [layer.keys for layer in layers], [layer.values for layer in layers],
-                       deltas)
+        lengths = inputs["attention_mask"].sum(-1)
+        rows, width = inputs["input_ids"].shape
+        # Left- to right-padded: row j's token t moves from column pad_j + t to column t.
+        pads = width - lengths
+        columns = (torch.arange(width)[None, :] + pads[:, None]) % width
+        input_ids = inputs["input_ids"].gather(1, columns).to(device)
+        position_ids = position_ids.gather(2, columns[None].expand(3, -1, -1)).to(device)
+        hidden = self.embed(input_ids)
+        if "pixel_values" in inputs:
+            hidden = self.merge_images(input_ids, hidden, inputs["pixel_values"].to(device),
+                                       inputs["image_grid_thw"].to(device))
+        cos, sin = self.language_model.rotary_emb(hidden, position_ids)
+        slots = self.row_ids[first_slot:first_slot + rows]
+        positions = self.span_ids[:width]
+        for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
+            hidden = self._prompt_layer(layer, cache_k, cache_v, hidden, cos, sin, slots, positions)
+        last = hidden[torch.arange(rows, device=device), lengths.to(device) - 1]
+        return Prefill(self.lm_head(self.norm(last)), deltas)
+
+    def merge_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, pixel_values: torch.Tensor,
+                     grid_thw: torch.Tensor) -> torch.Tensor:
+        """The image features in place of the image tokens, as `Glm4vModel.forward` puts them."""
+        features = self.encode_images(pixel_values, grid_thw).to(embeds.dtype)
+        image_mask, _ = self.model.model.get_placeholder_mask(input_ids, embeds, image_features=features)
+        return embeds.masked_scatter(image_mask, features)
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The vision encoder's features of every image, concatenated [image tokens, hidden]."""
+        features = self.model.model.get_image_features(pixel_values.to(self.model.dtype), grid_thw).pooler_output
+        return torch.cat(features, dim=0)
+
+    def warm_vision(self, device: torch.device) -> None:
+        """Encode `vision.warm_up_images`: compiles the vision blocks (when compiled) and makes the
+        first kernel choices before any request."""
+        self.encode_images(*vision.warm_up_images(self.model, device))
 
     def rope_positions(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """GLM-4V's 3D positions for the prompts, and each row's delta for the tokens after them.
@@ -153,18 +188,24 @@ class Glm4vDecoder:
         # Rows with a cache longer than the span are never live (the engine picks L above every live
         # length); clamping keeps their writes inside their own slot.
         write_at = length.clamp(max=span.shape[0] - 1)
+        slots = self.row_ids[:rows]
         visible = (span[None, :] <= length[:, None])[:, None, None, :]
         for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
-            hidden = self._layer(layer, cache_k, cache_v, hidden, cos, sin, write_at, visible)
+            hidden = self._layer(layer, cache_k, cache_v, hidden, cos, sin, slots, write_at, visible)
         return self.lm_head(self.norm(hidden))[:, 0]
 
     def compile_forward(self, mode: str) -> None:
-        """Have `forward` run torch.compile'd decoder layers (the layer, not the whole forward: the
-        40 layers are one module class, and dynamo compiles the function once for all of them, its
-        weights and cache tensors being arguments, where the whole 40-layer forward took minutes to
-        compile on the GLM-4.6V shape). Dynamic shapes from the start: one compilation covers every
-        batch size and span, plus one for batch 1 (PyTorch specialises sizes of 1)."""
+        """Have `forward` and `prefill` run torch.compile'd decoder layers, and the vision encoder
+        compiled blocks where it runs varlen attention (`vision.py`). The layer, not the whole
+        forward: the 40 layers are one module class, and dynamo compiles the function once for all of
+        them, its weights and cache tensors being arguments, where the whole 40-layer forward took
+        minutes to compile on the GLM-4.6V shape). Dynamic shapes from the start: one compilation
+        covers every batch size, span and prompt width, plus one for batch 1 (PyTorch specialises
+        sizes of 1)."""
         self._layer = torch.compile(self.layer, mode=mode, fullgraph=False, dynamic=True)
+        self._prompt_layer = torch.compile(self.prompt_layer, mode=mode, fullgraph=False, dynamic=True)
+        if self.varlen_vision:  # HF's per-image attention would recompile for each new number of images
+            vision.compile_blocks(self.model, mode)
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [rows, 1, rotary_dim] for one position per row.
@@ -179,26 +220,46 @@ class Glm4vDecoder:
         return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
 
     def layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+              sin: torch.Tensor, slots: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Glm4vTextDecoderLayer.forward for one token per row, attention over the slot cache (the
         layer's own keys and values)."""
-        residual = hidden
         attended = self.attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
-                                  write_at, visible)
+                                  slots, write_at, visible)
+        return self.feed_forward(layer, hidden, attended)
+
+    def prompt_layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Glm4vTextDecoderLayer.forward for right-padded prompts [rows, width, hidden] going into
+        `slots` at cache `positions` (0..width-1)."""
+        attended = self.prompt_attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
+                                         slots, positions)
+        return self.feed_forward(layer, hidden, attended)
+
+    @staticmethod
+    def feed_forward(layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the decoder layer after attention: both residual adds, the MLP, GLM's extra norms."""
         hidden = residual + layer.post_self_attn_layernorm(attended)
-        residual = hidden
-        return residual + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
+        return hidden + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
+
+    def project(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries [rows, T, heads, head_dim], keys and values [rows, T, kv_heads, head_dim], rotated.
+
+        Rows, tokens, heads: the projections' own layout, kept through the rotary and the cache
+        write (transposing to heads-first before them cost a strided copy per tensor per layer);
+        attention kernels take the heads-first views with these strides as they are."""
+        rows, tokens = x.shape[:2]
+        q = attn.q_proj(x).view(rows, tokens, self.heads, self.head_dim)
+        k = attn.k_proj(x).view(rows, tokens, self.kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(rows, tokens, self.kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        return q, k, v
 
     def attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+                  sin: torch.Tensor, slots: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         rows, span = x.shape[0], visible.shape[-1]
-        q = attn.q_proj(x).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        slots = self.row_ids[:rows]
-        cache_k[slots, :, write_at] = k[:, :, 0]
-        cache_v[slots, :, write_at] = v[:, :, 0]
+        q, k, v = self.project(attn, x, cos, sin)
+        cache_k[slots, :, write_at] = k[:, 0]
+        cache_v[slots, :, write_at] = v[:, 0]
         # Grouped-query attention without repeating the cache: the query heads that share a
         # key/value head become that head's "query positions" (query head h reads kv head
         # h // groups, as transformers' repeat_kv arranges them).
@@ -209,3 +270,19 @@ class Glm4vDecoder:
             attn_mask=visible, scale=self.scaling,
         )
         return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
+
+    def prompt_attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows, width = x.shape[:2]
+        q, k, v = self.project(attn, x, cos, sin)
+        # One scatter per tensor for every row (indices [rows, 1] and [1, width] broadcast against
+        # the value's [rows, width] leading dimensions).
+        cache_k[slots[:, None], :, positions[None, :]] = k
+        cache_v[slots[:, None], :, positions[None, :]] = v
+        # enable_gqa: the kernels read each key/value head for its group of query heads, where
+        # repeating them first cost a copy as long as the attention itself.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling,
+            enable_gqa=True,
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))

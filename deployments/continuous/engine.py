@@ -3,8 +3,8 @@
 Where `Engine.generate_batch` runs a batch through one `generate()` call (arrivals wait for the
 whole batch to end; finished rows keep their place), this engine keeps up to `max_slots`
 sequences in a preallocated cache and runs one loop on its own thread. Each iteration:
-1. admits waiting requests into free slots: one HF forward pass over the new prompts (vision
-   encoder once per image), their keys/values copied into their slots, first tokens sampled;
+1. admits waiting requests into free slots: one prefill pass over the new prompts (vision
+   encoder once per image) writes their keys/values into their slots; first tokens are sampled;
 2. launches one decode step for every live sequence (a CUDA graph replay on a GPU, when enabled);
 3. while that step runs on the device, reads the tokens of the previous step (the one host-device
    synchronisation per step), detokenizes them and streams the text (`_RowState.advance`: the
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -43,6 +44,13 @@ from deployments.engine import Engine, PreparedRequest, StepCallback
 from serve_app.stage_types import GenerationChunk
 
 logger = logging.getLogger("ray.serve")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (dynamo's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 @dataclass(eq=False)
@@ -110,6 +118,11 @@ class ContinuousEngine(Engine):
         self._wake = threading.Condition()
         self._closed = False
         self._seeds = random.Random()
+        if device.type == "cuda" and self.options.switch_interval_s is not None:
+            # The engine thread must relaunch the GPU every decode step (~9 ms on the GLM-4.6V shape).
+            # Python hands the GIL over only every 5 ms by default, so while the replica's event loop
+            # streams 32 sequences' tokens each step could start up to 5 ms late.
+            sys.setswitchinterval(self.options.switch_interval_s)
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
         logger.info("Continuous engine: %d slots x %d tokens (KV cache %.2f GiB), buckets %s, cuda_graphs=%s, "
@@ -269,8 +282,14 @@ class ContinuousEngine(Engine):
         arrivals = self._take_arrivals()
         if not arrivals:
             return
+        first_slot = len(self._live)
+        graphs, started = compiled_graphs(), time.monotonic()
         try:
-            prefill = self.decoder.prefill(self._collate([r.request for r in arrivals], torch.device("cpu")), self.device)
+            inputs = self._collate([r.request for r in arrivals], torch.device("cpu"))
+            prefill = self.decoder.prefill(inputs, first_slot, self.device)
+            if compiled_graphs() != graphs:  # every live sequence waited for it
+                logger.warning("The prefill of %d prompts x %d tokens compiled new graphs (%.1fs): a shape the warm-up "
+                               "did not cover", *inputs["input_ids"].shape, time.monotonic() - started)
         except Exception as error:  # a prompt the model refused: only its groups fail
             logger.exception("Prefill failed for %d requests", len(arrivals))
             for group in {row.group for row in arrivals}:
@@ -278,12 +297,8 @@ class ContinuousEngine(Engine):
             for row in arrivals:
                 self._row_done(row)
             return
-        first_slot = len(self._live)
-        for j, row in enumerate(arrivals):
-            slot = first_slot + j
-            n = row.request.prompt_tokens
-            self.cache.load_prompt(slot, [k[j, :, -n:] for k in prefill.keys], [v[j, :, -n:] for v in prefill.values])
-            row.cache_len = n
+        for row in arrivals:
+            row.cache_len = row.request.prompt_tokens
             self._live.append(row)
         self._pending.append(self._start_rows(arrivals, first_slot, prefill))
 
@@ -431,6 +446,9 @@ class ContinuousEngine(Engine):
             logger.exception("Could not reset the slot state")
 
     def _warmup(self) -> None:
+        started = time.monotonic()
+        self._warm_prefill()
+        logger.info("Warmed the prefill up in %.1fs", time.monotonic() - started)
         spans, span = [], self.options.min_length_bucket
         while span <= min(self.options.warmup_max_len, self.cache.max_len):
             spans.append(span)
@@ -438,3 +456,13 @@ class ContinuousEngine(Engine):
         started = time.monotonic()
         self.runner.warmup(self.buckets, spans)
         logger.info("Captured %d decode graphs in %.1fs", self.runner.captured, time.monotonic() - started)
+
+    def _warm_prefill(self) -> None:
+        """Encode two small images, and prefill text prompts of pad tokens at batch 3 and 1 into free
+        slots, before any request: the first real requests would otherwise wait for the compilation of
+        the vision blocks and prompt layers and for the first kernel choices. Odd sizes: a dynamic-shape
+        graph first traced on even ones can assume their alignment and be compiled again later."""
+        self.decoder.warm_vision(self.device)
+        for rows in sorted({min(3, self.slots), 1}, reverse=True):
+            ids = torch.full((rows, 17), self.pad_token_id, dtype=torch.long)
+            self.decoder.prefill({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0, self.device)

@@ -36,16 +36,13 @@ class SlotKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         for tensor in (*self.keys, *self.values):
             torch._dynamo.mark_static_address(tensor)
+            # Static sizes too: they never change, and a compiled layer that took the slot count as
+            # a symbol would specialise on rows == slots whenever its first batch fills the cache
+            # (dynamo's duck sizing), compiling once more for every other batch size.
+            torch._dynamo.mark_static(tensor)
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def load_prompt(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Copy one prompt's keys/values ([kv_heads, n, head_dim] per layer) into `slot`."""
-        for cache_k, cache_v, k, v in zip(self.keys, self.values, keys, values):
-            n = k.shape[-2]
-            cache_k[slot, :, :n].copy_(k)
-            cache_v[slot, :, :n].copy_(v)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot `src` into slot `dst`."""
