@@ -1,7 +1,9 @@
 """The continuous-batching engine (issue 7) and the choice between it and the generate() engine.
 
 - `engine.ContinuousEngine`: the engine thread, slots, admission, streaming;
-- `decoder.Glm4vDecoder`: prefill through the HF model, the decode step over the slot cache;
+- `decoder.Glm4vDecoder`: prefill and the decode step, both on the HF model's modules and straight
+  into the slot cache;
+- `vision`: the vision encoder's attention as one FlashAttention call per block (on a GPU);
 - `slots`: the preallocated KV cache and per-slot device state;
 - `sampling`: greedy / temperature / top_p / seeded sampling of all rows at once, on the device;
 - `graphs.StepRunner`: eager, torch.compile'd or CUDA-graph replay of the decode step.
