@@ -7,7 +7,8 @@
 #   here:  ../shared/tools/device-bundle.sh && tools/device_site.sh
 #   run(command="bash tools/device_e2e.sh 1,8,32", carry=[".devbundle"])      (about 5 minutes)
 # Arguments: the concurrency levels; each sends max(N, 4) requests at concurrency N (one burst).
-# Every figure lands in $OUT: engine.json, e2e-cN.json per level, overhead.json, serve.log.
+# Every figure lands in $OUT: engine.json, e2e-cN.json per level, overhead.json, serve.log (and
+# top.log with TOP=1: the processes' CPU use, sampled every second while the benches run).
 set -o pipefail
 source tools/device_env.sh || exit 1
 levels=${1:-1,8,32}
@@ -37,6 +38,10 @@ until curl -sf http://127.0.0.1:8000/v1/models > /dev/null; do
   sleep 2
 done
 echo "ready after $(( $(date +%s) - started )) s"
+if [ -n "${TOP:-}" ]; then  # which processes hold the CPUs while the benches run: $OUT/top.log
+  top -b -d 1 -w 200 -c > "$OUT/top.log" 2>&1 &
+  sampler=$!
+fi
 reports=()
 for c in ${levels//,/ }; do
   python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( c > 4 ? c : 4 )) --image-size 448x448 \
@@ -44,5 +49,6 @@ for c in ${levels//,/ }; do
   reports+=("$OUT/e2e-c$c.json")
 done
 python3 benchmarks/serving_overhead.py "$OUT/engine.json" "${reports[@]}" --json "$OUT/overhead.json"
+[ -n "${sampler:-}" ] && kill $sampler
 # A background job ignores SIGINT in a script, so `serve run` is not stopped that way: stop Ray itself.
 pkill -P $server; kill $server 2> /dev/null; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
