@@ -97,6 +97,17 @@ def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = 
     return Engine(settings, model, processor, device)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the model, shared by the benchmarks that load one with `load_engine`."""
+    parser.add_argument("--model", default="configs/models/demo.yaml", help="a model YAML, checkpoint dir or hub id")
+    parser.add_argument("--random-glm46v-shape", action="store_true",
+                        help="a GLM-4.6V-Flash-shaped model with random weights instead of --model")
+    parser.add_argument("--tiny", action="store_true", help="with --random-glm46v-shape: hfbase.py's CPU size")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
+    parser.add_argument("--dtype", default=None, choices=["auto", *_DTYPES])
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def load_engine(args: argparse.Namespace) -> Engine:
     if args.random_glm46v_shape:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -441,19 +452,13 @@ def continuous_engine(engine: Engine, args: argparse.Namespace) -> ContinuousEng
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="configs/models/demo.yaml", help="a model YAML, checkpoint dir or hub id")
-    parser.add_argument("--random-glm46v-shape", action="store_true",
-                        help="a GLM-4.6V-Flash-shaped model with random weights instead of --model")
-    parser.add_argument("--tiny", action="store_true", help="with --random-glm46v-shape: hfbase.py's CPU size")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
-    parser.add_argument("--dtype", default=None, choices=["auto", *_DTYPES])
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,32", help="concurrency levels, comma-separated")
     parser.add_argument("--new-tokens", "--output-tokens", dest="new_tokens", type=int, default=128)
     parser.add_argument("--image-size", default="448x448", help="WxH of each row's image; 'none' for text only")
     parser.add_argument("--prompt", default="Describe this image in detail.")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per level and path (2 tokens)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per level and path (median reported)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--engines", default="generate,continuous",
                         help="engines to run next to the baseline: generate, continuous (comma-separated)")

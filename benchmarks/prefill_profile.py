@@ -38,7 +38,7 @@ from transformers import DynamicCache
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine_bench import _sync, load_engine, make_requests  # noqa: E402
+from benchmarks.engine_bench import _sync, add_model_arguments, load_engine, make_requests  # noqa: E402
 from deployments.continuous import ContinuousEngine  # noqa: E402
 from serve_app.settings import ContinuousEngineSettings  # noqa: E402
 
@@ -97,12 +97,7 @@ def profile(cengine: ContinuousEngine, batch, rows: int = 20) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="configs/models/demo.yaml")
-    parser.add_argument("--random-glm46v-shape", action="store_true")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--image-size", default="448x448")
     parser.add_argument("--prompt", default="Describe this image in detail.")

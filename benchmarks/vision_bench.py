@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine_bench import _sync, load_engine, make_requests  # noqa: E402
+from benchmarks.engine_bench import _sync, add_model_arguments, load_engine, make_requests  # noqa: E402
 from deployments.continuous import vision  # noqa: E402
 
 
@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch._dynamo.utils import counters
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="configs/models/demo.yaml")
-    parser.add_argument("--random-glm46v-shape", action="store_true")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--image-size", default="448x448")
     parser.add_argument("--other-image-size", default="300x500")
