@@ -199,7 +199,7 @@ class Glm4vDecoder:
         compiled blocks where it runs varlen attention (`vision.py`). The layer, not the whole
         forward: the 40 layers are one module class, and dynamo compiles the function once for all of
         them, its weights and cache tensors being arguments, where the whole 40-layer forward took
-        minutes to compile on the GLM-4.6V shape). Dynamic shapes from the start: one compilation
+        minutes to compile on the GLM-4.6V shape. Dynamic shapes from the start: one compilation
         covers every batch size, span and prompt width, plus one for batch 1 (PyTorch specialises
         sizes of 1)."""
         self._layer = torch.compile(self.layer, mode=mode, fullgraph=False, dynamic=True)
