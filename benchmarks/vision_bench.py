@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_bench import _sync, add_model_arguments, load_engine, make_requests  # noqa: E402
 from deployments.continuous import vision  # noqa: E402
+from deployments.continuous.engine import compiled_graphs  # noqa: E402
 
 
 @torch.inference_mode()
@@ -52,8 +53,6 @@ def timed(engine, pixels, grid, repeats: int) -> tuple[float, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch._dynamo.utils import counters
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,32")
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = load_engine(args)
     sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
     width, height = (int(v) for v in args.image_size.split("x"))
+
     def images(b: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         collated = engine._collate(make_requests(engine, b, size, "Describe.", 1, args.seed))
         return collated["pixel_values"], collated["image_grid_thw"]
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             vision.compile_blocks(engine.model, "default")
             with torch.inference_mode():
                 encode(engine, *vision.warm_up_images(engine.model, engine.device))
-            before = counters["stats"]["unique_graphs"]
+            before = compiled_graphs()
         results[variant] = {}
         gap = 0.0
         for b in sizes:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 for b in sizes:
                     encode(engine, *other[b])
-            graphs = counters["stats"]["unique_graphs"] - before
+            graphs = compiled_graphs() - before
     gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else str(engine.device)
     print(f"vision encoder of {engine.settings.id} ({engine.model.dtype}) on {gpu} | image {args.image_size} | "
           f"median of {args.repeats}")

@@ -91,8 +91,7 @@ class ImagePreprocessor:
         imports and first-use setup in Pillow and the processor), on every new replica."""
         png = io.BytesIO()
         Image.new("RGB", (64, 48), (128, 128, 128)).save(png, format="PNG")
-        top = self._resolutions.auto
-        self._to_tensors(png.getvalue(), "warm-up", PixelBudget(self._resolutions.floor, top))
+        self._to_tensors(png.getvalue(), "warm-up", PixelBudget(self._resolutions.floor, self._resolutions.auto))
 
     async def process(self, image: ImageInput) -> PreprocessedImage:
         started = time.perf_counter()

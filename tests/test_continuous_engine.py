@@ -13,6 +13,7 @@ import torch
 
 from deployments import engine as engine_module
 from deployments.continuous import ContinuousEngine, choose_engine
+from deployments.continuous.engine import compiled_graphs
 from deployments.continuous.sampling import RowParams, sample
 from deployments.engine import Engine, PreparedRequest
 from serve_app.demo_model import make_demo_model
@@ -322,13 +323,11 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
     compilation of the decoder layer serves every layer, one more for batch 1 (PyTorch specialises
     sizes of 1), and sampling, which runs eagerly, adds none. The same for the prefill's prompt
     layer over every batch size and prompt width."""
-    from torch._dynamo.utils import counters
-
     assert len(engine.model.model.language_model.layers) >= 2  # else "not per layer" is not tested
 
     compiled = continuous(engine, max_slots=8, batch_buckets=[1, 2, 4, 8], compile=True, compile_mode="default")
     try:
-        before = counters["stats"]["unique_graphs"]
+        before = compiled_graphs()
 
         def every_key() -> None:  # all slots idle: the steps change nothing a request reads
             for span in (256, 512):
@@ -337,7 +336,7 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
                         compiled.runner.run((rows, span, sampled))
 
         compiled.call(every_key)
-        assert counters["stats"]["unique_graphs"] - before == 2
+        assert compiled_graphs() - before == 2
 
         def prompts(rows: int, width: int, first_slot: int) -> None:  # into free slots: nothing live reads them
             ids = torch.full((rows, width), engine.pad_token_id, dtype=torch.long)
@@ -347,12 +346,12 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
         # The engine's warm-up compiles the prompt layer twice (any batch and width; batch 1), and on
         # shapes that leave no alignment to assume: a first trace on batch 2 x 16 tokens made a graph
         # that was compiled again for 4 x 285 (an 11 s stall mid-serving on the H100).
-        before = counters["stats"]["unique_graphs"]
+        before = compiled_graphs()
         compiled.call(compiled._warm_prefill)
-        assert counters["stats"]["unique_graphs"] - before == 2
+        assert compiled_graphs() - before == 2
         for rows, width, first_slot in ((4, 285, 1), (1, 285, 0), (2, 32, 6), (8, 64, 0), (1, 20, 3), (5, 300, 2)):
             compiled.call(lambda: prompts(rows, width, first_slot))
-        assert counters["stats"]["unique_graphs"] - before == 2
+        assert compiled_graphs() - before == 2
     finally:
         compiled.close()
 
