@@ -31,7 +31,9 @@ issue's target: within 2 steps plus its own prefill), next to the running rows' 
 `--random-glm46v-shape` builds a GLM-4.6V-Flash-shaped model (transformers' default `Glm46VConfig`,
 10.3B parameters, random weights, as ../shared/probes/hfbase.py did) with the demo tokenizer and
 GLM-4.6V's default image processor (448x448 -> 256 image tokens); `--tiny` shrinks it to
-hfbase.py's CPU size to try the path anywhere.
+hfbase.py's CPU size to try the path anywhere. `--weights gptq4` serves its decoder linears as a
+GPTQ-4 checkpoint (group size 128) is served: rounded to gptqmodel's 4-bit layout, then repacked for
+PyTorch's int4 matmul by the server's own code (deployments/int4_linear.py).
 """
 
 from __future__ import annotations
@@ -83,8 +85,10 @@ def settings_for(model: str, device: str | None, dtype: str | None) -> ModelSett
     return settings.model_copy(update=update) if update else settings
 
 
-def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0) -> Engine:
-    """GLM-4.6V-Flash's shape (glm46v_shape.py) with random weights, made on `device`."""
+def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0,
+                         weights: str = "float") -> Engine:
+    """GLM-4.6V-Flash's shape (glm46v_shape.py) with random weights, made on `device`; with
+    `weights="gptq4"` its decoder linears are then quantized and served as a GPTQ-4 checkpoint is."""
     import transformers as t
 
     config, processor, generation = glm46v_shape(tiny)
@@ -92,9 +96,52 @@ def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = 
     with torch.device(device):
         model = t.Glm46VForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.generation_config = generation
-    settings = ModelSettings(id="glm-4.6v-flash-random" + ("-tiny" if tiny else ""), path="(random weights)",
-                             device=str(device), dtype={v: k for k, v in _DTYPES.items()}[dtype], max_model_len=16384)
+    name = "glm-4.6v-flash-random" + ("-gptq4" if weights == "gptq4" else "") + ("-tiny" if tiny else "")
+    if weights == "gptq4":
+        gptq4_weights(model, torch.bfloat16 if device.type == "cuda" else dtype)
+    settings = ModelSettings(id=name, path="(random weights)", device=str(device),
+                             dtype={v: k for k, v in _DTYPES.items()}[dtype], max_model_len=16384)
     return Engine(settings, model, processor, device)
+
+
+def gptq4_weights(model: torch.nn.Module, activations: torch.dtype, group_size: int = 128) -> None:
+    """The random model as a GPTQ-4 checkpoint (g128, symmetric) is served on this device: its decoder
+    linears rounded to gptqmodel's 4-bit layout (gptq_memory.py: round-to-nearest, the same sizes as
+    GPTQ-solved values), then repacked by the server's own `repack_gptq` (deployments/int4_linear.py).
+    Checks, on this device, a repacked layer against the dequantized GPTQ weights, and its decode-step
+    road (tinygemm) against its prompt road (dequantize + matmul)."""
+    from benchmarks.gptq_memory import GPTQ4Linear, quantize_language_model
+    from deployments.int4_linear import Int4Linear, repack_gptq
+
+    probe = GPTQ4Linear.from_linear(model.model.language_model.layers[0].self_attn.q_proj, group_size)
+    x = torch.randn(3, probe.in_features, device=probe.qweight.device, dtype=torch.float32)
+    reference = x @ probe.dequantize().float()
+    got = Int4Linear.from_gptq(probe.qweight, probe.qzeros, probe.scales, group_size, dtype=activations)(x)
+    error = ((got.float() - reference).abs().max() / reference.abs().max()).item()
+    print(f"GPTQ-4 repacked for tinygemm: relative error {error:.4f} against the dequantized weights "
+          f"({activations} activations)", flush=True)
+    if error > 0.02:
+        raise SystemExit("the repacked int4 layer does not match the GPTQ weights")
+    quantized = quantize_language_model(model, group_size)
+    print(f"GPTQ-4: {quantized} decoder linears quantized, {repack_gptq(model, activations)} repacked", flush=True)
+    # The layer's two roads on the same rows: as a decode step (tinygemm) and as a prompt (dequantized).
+    layer = model.model.language_model.layers[0].self_attn.o_proj
+    rows = torch.randn(3, 1, layer.in_features, device=x.device, dtype=activations)
+    step, prompt = layer(rows)[:, 0].float(), layer(rows.transpose(0, 1))[0].float()
+    error = ((step - prompt).abs().max() / prompt.abs().max()).item()
+    print(f"GPTQ-4 tinygemm vs dequantized road: relative difference {error:.4f}", flush=True)
+    if error > 0.02:
+        raise SystemExit("the int4 layer's two roads disagree")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (the int4 layers' fused
+    q/k/v codes are views shared with the separate projections)."""
+    storages = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +150,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-glm46v-shape", action="store_true",
                         help="a GLM-4.6V-Flash-shaped model with random weights instead of --model")
     parser.add_argument("--tiny", action="store_true", help="with --random-glm46v-shape: hfbase.py's CPU size")
+    parser.add_argument("--weights", choices=["float", "gptq4"], default="float",
+                        help="with --random-glm46v-shape: gptq4 serves the decoder linears as a GPTQ-4 checkpoint "
+                             "(group size 128) is on this device (tinygemm)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
     parser.add_argument("--dtype", default=None, choices=["auto", *_DTYPES])
     parser.add_argument("--seed", type=int, default=0)
@@ -113,7 +163,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _DTYPES[args.dtype] if args.dtype and args.dtype != "auto" else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return random_glm46v_engine(device, dtype, tiny=args.tiny, seed=args.seed)
+        return random_glm46v_engine(device, dtype, tiny=args.tiny, seed=args.seed, weights=args.weights)
     return Engine.load(settings_for(args.model, args.device, args.dtype))
 
 
@@ -480,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--engines takes generate and/or continuous")
     if args.new_tokens < 1:
         parser.error("--new-tokens must be at least 1")
-    if args.tiny and not args.random_glm46v_shape:
-        parser.error("--tiny goes with --random-glm46v-shape")
+    if (args.tiny or args.weights != "float") and not args.random_glm46v_shape:
+        parser.error("--tiny and --weights go with --random-glm46v-shape")
 
     # The engines log to Ray Serve's logger (graph captures, compile times): show it on stderr here.
     serve_logger = logging.getLogger("ray.serve")
@@ -495,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     continuous_setup_s = time.perf_counter() - t0
     params = sum(p.numel() for p in engine.model.parameters())
     gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
-    print(f"model {engine.settings.id} ({params / 1e9:.3f}B parameters, {engine.model.dtype}) on "
+    print(f"model {engine.settings.id} ({params / 1e9:.3f}B parameters, {weight_bytes(engine.model) / 2**30:.2f} GiB "
+          f"of weights and buffers, {engine.model.dtype}) on "
           f"{gpu or engine.device} | torch {torch.__version__} | load {load_s:.1f}s | image {args.image_size} "
           f"| {args.new_tokens} new tokens | prompt {args.prompt!r}", flush=True)
     if cengine is not None:

@@ -28,7 +28,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from deployments.quantization import describe, describe_quantization, generation_kwargs, load_kwargs
+from deployments.quantization import describe, describe_quantization, generation_kwargs, load_kwargs, prepare_model
 from serve_app.checkpoints import ensure_checkpoint
 from serve_app.errors import ContextLengthError, InvalidRequestError
 from serve_app.settings import ModelSettings
@@ -113,6 +113,7 @@ class Engine:
             model = AutoModelForImageTextToText.from_pretrained(
                 source, dtype=dtype, **load_kwargs(source, device, settings.quantization)
             )
+            prepare_model(model, source, device, settings.quantization)
         engine = cls(settings, model.to(device).eval(), processor, device)
         logger.info("Loaded %s on %s (%s, quantization=%s%s)", source, device, dtype, engine.quantization,
                     ", random weights" if settings.load_format == "dummy" else "")

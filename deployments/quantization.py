@@ -1,11 +1,13 @@
 """What the engine passes to transformers for quantized weights and a quantized KV cache.
 
-Two small functions, both pure (no globals, no environment):
+Small functions, no globals, no environment:
 - `load_kwargs(source, device, settings)`: extra `from_pretrained` kwargs. For a GPTQ checkpoint
   (`quantization_config.quant_method == "gptq"` in its config.json) it picks gptqmodel's kernel
   for the device and bit width, and places the model on the device while loading (gptqmodel
   picks and builds its kernel at load time, for the device it is loaded on). Empty for float
   checkpoints.
+- `prepare_model(model, source, device, settings)`: what a loaded GPTQ checkpoint needs before
+  serving: its layers repacked where the backend is `tinygemm`.
 - `generation_kwargs(settings)`: extra `GenerationConfig` fields: the quantized KV cache.
 
 Kernels ("auto"):
@@ -13,7 +15,11 @@ Kernels ("auto"):
 - CPU, 4 bits: `gptq_torch_fused` (aten's `_weight_int4pack_mm_for_cpu`).
   Both are plain PyTorch ops: nothing is compiled at load time. gptqmodel's own CPU "auto" choice
   JIT-builds a C++ extension and torch.compile's the dequantizer (minutes on a small machine).
-- CUDA: `gptq_marlin` (4 and 8 bits, sym, fp16/bf16, Ampere or newer); gptqmodel builds the Marlin
+- CUDA, 4 bits: `tinygemm`, ours (deployments/int4_linear.py): the checkpoint loads through
+  gptqmodel's plain `torch` kernel and every layer is then repacked for PyTorch's own int4 matmul,
+  which runs inside the continuous engine's compiled, graph-captured decode step
+  (benchmarks/RESULTS.md has its speed).
+- CUDA, 8 bits: `gptq_marlin` (sym, fp16/bf16, Ampere or newer); gptqmodel builds the Marlin
   extension on first use on each machine and caches it under ~/.cache/gptqmodel. `triton` is the
   choice for hosts where building it is not wanted (set `gptq_backend: triton`).
 """
@@ -21,6 +27,7 @@ Kernels ("auto"):
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +35,11 @@ import torch
 
 from serve_app.settings import QuantizationSettings
 
-# Our names -> gptqmodel's BACKEND values.
+logger = logging.getLogger("ray.serve")
+
+# Our names -> gptqmodel's BACKEND values (tinygemm: load the plain layout, repack after).
 GPTQ_BACKENDS: dict[str, str] = {
+    "tinygemm": "gptq_torch",
     "torch": "gptq_torch",
     "torch_int8": "gptq_torch_int8",
     "torch_fused": "gptq_torch_fused",
@@ -55,14 +65,22 @@ def checkpoint_quantization(source: str | Path) -> dict[str, Any] | None:
 
 
 def gptq_backend(bits: int, device: torch.device, requested: str = "auto") -> str:
-    """gptqmodel's backend name for a GPTQ checkpoint of `bits` on `device`."""
+    """Our backend name (a GPTQ_BACKENDS key, or "auto": gptqmodel's choice) for `bits` on `device`."""
     if requested != "auto":
-        return GPTQ_BACKENDS[requested]
+        return requested
     if device.type == "cuda":
-        return GPTQ_BACKENDS["marlin"]
+        return "tinygemm" if bits == 4 else "marlin"
     if device.type == "cpu":
-        return GPTQ_BACKENDS["torch_int8" if bits == 8 else "torch_fused" if bits == 4 else "torch"]
+        return "torch_int8" if bits == 8 else "torch_fused" if bits == 4 else "torch"
     return "auto"  # xpu, mps, ...: let gptqmodel choose
+
+
+def _checkpoint_backend(source: str | Path, device: torch.device, settings: QuantizationSettings) -> str | None:
+    """The backend a GPTQ checkpoint loads with on `device` (None: not a GPTQ checkpoint)."""
+    quant = checkpoint_quantization(source)
+    if not quant or str(quant.get("quant_method", "")).lower() != "gptq":
+        return None
+    return gptq_backend(int(quant.get("bits", 4)), device, settings.gptq_backend)
 
 
 def load_kwargs(
@@ -71,20 +89,33 @@ def load_kwargs(
     """Extra kwargs for `AutoModelForImageTextToText.from_pretrained(source, dtype=..., **kwargs)`."""
     settings = settings or QuantizationSettings()
     device = torch.device(device)
-    quant = checkpoint_quantization(source)
-    if not quant or str(quant.get("quant_method", "")).lower() != "gptq":
+    backend = _checkpoint_backend(source, device, settings)
+    if backend is None:
         return {}
     from transformers import GPTQConfig
 
-    bits = int(quant.get("bits", 4))
+    bits = int(checkpoint_quantization(source).get("bits", 4))
     # Only the loading attributes (backend) of this config are used; the rest comes from config.json.
-    kwargs: dict[str, Any] = {
-        "quantization_config": GPTQConfig(bits=bits, backend=gptq_backend(bits, device, settings.gptq_backend))
-    }
+    kwargs: dict[str, Any] = {"quantization_config": GPTQConfig(bits=bits, backend=GPTQ_BACKENDS.get(backend, backend))}
     if device.type != "cpu":
         index = device.index if device.index is not None else 0
         kwargs["device_map"] = {"": f"{device.type}:{index}"}
     return kwargs
+
+
+def prepare_model(model: torch.nn.Module, source: str | Path, device: torch.device | str,
+                  settings: QuantizationSettings | None = None) -> None:
+    """What a loaded checkpoint needs before serving: GPTQ layers repacked for tinygemm, where that is
+    the backend (in place; nothing for other checkpoints)."""
+    settings = settings or QuantizationSettings()
+    if _checkpoint_backend(source, torch.device(device), settings) != "tinygemm":
+        return
+    from deployments.int4_linear import repack_gptq
+
+    # tinygemm takes bf16 activations on CUDA; the CPU kernel also takes the model's float32.
+    dtype = model.dtype if torch.device(device).type == "cpu" else torch.bfloat16
+    count = repack_gptq(model, dtype)
+    logger.info("Repacked %d GPTQ layers for PyTorch's int4 matmul (tinygemm)", count)
 
 
 def generation_kwargs(settings: QuantizationSettings | None = None) -> dict[str, Any]:

@@ -71,14 +71,15 @@ class BatchSettings(_Settings):
     )
 
 
-GptqBackend = Literal["auto", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]
+GptqBackend = Literal["auto", "tinygemm", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]
 
 
 class QuantizationSettings(_Settings):
     """How quantized weights load and whether the KV cache is quantized (a model YAML's `quantization:`)."""
 
     gptq_backend: GptqBackend = Field(
-        "auto", description="gptqmodel kernel for GPTQ checkpoints; 'auto' picks per device and bit width."
+        "auto", description="Kernel for GPTQ checkpoints: 'tinygemm' (PyTorch's int4 matmul, 4 bits; "
+        "deployments/int4_linear.py) or one of gptqmodel's; 'auto' picks per device and bit width."
     )
     kv_cache: Literal["none", "int8", "int4"] = Field(
         "none", description="Quantize the KV cache (transformers' QuantizedCache, HQQ backend; pip install hqq)."

@@ -119,6 +119,48 @@ def test_4bit_checkpoint_loads_and_stays_close(source: Path, quantized) -> None:
     assert _logit_cosine(source, checkpoint) >= 0.95
 
 
+def test_tinygemm_serves_the_4bit_checkpoint_as_gptqmodel_computes_it(quantized) -> None:
+    """The GPU's default for 4 bits (deployments/int4_linear.py), on its CPU twin: every decoder linear
+    repacked, logits as gptqmodel's own kernel gives them, and the continuous engine (whose decode step
+    the GPU compiles) answering as generate() does on the repacked model."""
+    from deployments.continuous import ContinuousEngine
+    from deployments.engine import Engine
+    from deployments.int4_linear import Int4Linear
+    from serve_app.settings import ContinuousEngineSettings, ModelSettings, QuantizationSettings
+    from tests.test_engine import preprocessed, run, user_request
+
+    def load(backend: str) -> Engine:
+        settings = ModelSettings(id="gptq4", path=str(quantized(4)), max_model_len=512, engine="generate",
+                                 quantization=QuantizationSettings(gptq_backend=backend))
+        return Engine.load(settings)
+
+    plain, repacked = load("torch"), load("tinygemm")
+    layers = repacked.model.model.language_model.layers
+    linears = [m for m in layers.modules() if isinstance(m, Int4Linear)]
+    assert len(linears) == 6 * len(layers)  # q, k, v, o, gate_up, down
+    assert not any(hasattr(m, "qweight") for m in layers.modules())
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, got = plain.model(input_ids=ids).logits, repacked.model(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
+
+    requests = [
+        user_request(repacked, "What shape is this?", preprocessed(repacked, (112, 112), (255, 0, 0)), max_tokens=8),
+        user_request(repacked, "Say hello.", None, max_tokens=5),
+    ]
+    settings = repacked.settings.model_copy(update={"continuous": ContinuousEngineSettings(max_slots=2)})
+    cengine = ContinuousEngine(settings, repacked.model, repacked.processor, repacked.device)
+    try:
+        def graph_breaks() -> int:  # all slots inactive: the traced step changes nothing
+            step = torch._dynamo.explain(cengine.decoder.step)
+            return step(cengine.state.active[:2], cengine.decoder.span_ids[:256], False).graph_break_count
+
+        assert cengine.call(graph_breaks) == 0  # tinygemm's op traces: the GPU can compile and capture it
+        assert run(cengine, requests) == run(repacked, requests)
+    finally:
+        cengine.close()
+
+
 ACCURACY_SAMPLES = 100  # held-out test questions, 20 per type
 # Issue 6's floors: answer accuracy at most 2 points (8-bit) or 5 points (4-bit) under float's.
 ACCURACY_FLOOR = {8: 0.02, 4: 0.05}
@@ -194,6 +236,8 @@ def test_load_and_generation_kwargs(quantized, source: Path) -> None:
     assert cpu8["quantization_config"].backend == "gptq_torch_int8" and "device_map" not in cpu8
     gpu8 = load_kwargs(quantized(8), torch.device("cuda"))
     assert gpu8["quantization_config"].backend == "gptq_marlin" and gpu8["device_map"] == {"": "cuda:0"}
+    gpu4 = load_kwargs(quantized(4), torch.device("cuda"))  # the plain layout, repacked for tinygemm after loading
+    assert gpu4["quantization_config"].backend == "gptq_torch" and gpu4["device_map"] == {"": "cuda:0"}
     chosen = load_kwargs(quantized(8), torch.device("cuda:1"), QuantizationSettings(gptq_backend="triton"))
     assert chosen["quantization_config"].backend == "gptq_triton" and chosen["device_map"] == {"": "cuda:1"}
     assert generation_kwargs(QuantizationSettings()) == {}

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
+from deployments import int4_linear
 from deployments.continuous import vision
 from deployments.continuous.sampling import RowParams, sample
 from deployments.continuous.slots import SlotKVCache, SlotState
@@ -81,6 +82,8 @@ class Glm4vDecoder:
         attention = self.layers[0].self_attn
         self.heads, self.kv_heads = attention.num_heads, attention.num_key_value_heads
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.qkv_sizes = [self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2]
+        self._fuse_projections()
         self.cache, self.state = cache, state
         vocab = self.lm_head.out_features
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -93,6 +96,17 @@ class Glm4vDecoder:
         # compile_forward swaps in the compiled ones
         self._layer, self._prompt_layer = self.layer, self.prompt_layer
         self.varlen_vision = vision.use_varlen_attention(model, device)
+
+    def _fuse_projections(self) -> None:
+        """Each layer's q, k and v projections as one module (`qkv_proj`), where they are 4-bit
+        (int4_linear.fuse); float ones stay three, keeping float32 results equal to generate()'s."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):  # an earlier engine over the same model fused them
+                continue
+            fused = int4_linear.fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            if fused is not None:
+                attn.qkv_proj = fused
 
     # ---- prefill ---------------------------------------------------------------------------
 
@@ -248,9 +262,13 @@ class Glm4vDecoder:
         write (transposing to heads-first before them cost a strided copy per tensor per layer);
         attention kernels take the heads-first views with these strides as they are."""
         rows, tokens = x.shape[:2]
-        q = attn.q_proj(x).view(rows, tokens, self.heads, self.head_dim)
-        k = attn.k_proj(x).view(rows, tokens, self.kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(rows, tokens, self.kv_heads, self.head_dim)
+        if hasattr(attn, "qkv_proj"):
+            q, k, v = attn.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(rows, tokens, self.heads, self.head_dim)
+        k = k.view(rows, tokens, self.kv_heads, self.head_dim)
+        v = v.view(rows, tokens, self.kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         return q, k, v
 
