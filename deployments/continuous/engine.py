@@ -53,6 +53,45 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@dataclass
+class BusyPeriod:
+    """What the engine did from becoming busy to going idle, logged then: where a burst's time went
+    (decode steps, prefill passes between them, the host's pace), to read next to the engine
+    benchmark's figures for the same workload."""
+
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    tokens: int = 0  # streamed to rows
+    prefills: int = 0
+    prompts: int = 0
+    prompt_tokens: int = 0  # padded, as run
+    prefill_s: float = 0.0  # host time in prefill calls (the device may still be busy after)
+    last_prefill_at: float = 0.0  # seconds after `started`
+    step_gaps: list[float] = field(default_factory=list)  # between launches with no prefill between
+    _last_launch: float | None = None
+    _prefilled_since: bool = False
+
+    def prefilled(self, prompts: int, tokens: int, seconds: float) -> None:
+        self.prefills, self.prompts = self.prefills + 1, self.prompts + prompts
+        self.prompt_tokens, self.prefill_s = self.prompt_tokens + tokens, self.prefill_s + seconds
+        self.last_prefill_at = time.perf_counter() - self.started
+        self._prefilled_since = True
+
+    def launched(self) -> None:
+        now = time.perf_counter()
+        if self._last_launch is not None and not self._prefilled_since:
+            self.step_gaps.append(now - self._last_launch)
+        self._last_launch, self._prefilled_since = now, False
+        self.steps += 1
+
+    def summary(self) -> str:
+        gaps = sorted(self.step_gaps)
+        pace = f"{gaps[len(gaps) // 2] * 1e3:.1f} ms median, {gaps[int(len(gaps) * 0.9)] * 1e3:.1f} ms P90" if gaps else "-"
+        return (f"Busy {time.perf_counter() - self.started:.3f}s: {self.tokens} tokens out, {self.steps} decode steps "
+                f"(between launches without a prefill: {pace}), {self.prefills} prefill passes of {self.prompts} prompts "
+                f"({self.prompt_tokens} tokens, {self.prefill_s:.3f}s on the host, the last at +{self.last_prefill_at:.3f}s)")
+
+
 @dataclass(eq=False)
 class _Group:
     """One `submit` call: its callback and its future."""
@@ -111,6 +150,7 @@ class ContinuousEngine(Engine):
         self.runner = StepRunner(self.decoder, self.options, device)
         self.buckets = sorted({b for b in self.options.batch_buckets if b < self.slots} | {self.slots})
         self.decode_steps = 0  # read by benchmarks: decode steps launched so far
+        self._period: BusyPeriod | None = None
         self._live: list[_SlotRow] = []  # index = slot
         self._waiting: deque[_SlotRow] = deque()
         self._pending: deque[_Pending] = deque()
@@ -238,6 +278,8 @@ class ContinuousEngine(Engine):
             future.set_exception(error)
 
     def _iterate(self) -> None:
+        if self._period is None:
+            self._period = BusyPeriod()
         self._admit()
         launched = self._launch()
         # Everything before the step just launched is read now, while that step runs.
@@ -247,6 +289,10 @@ class ContinuousEngine(Engine):
         self.last_step_at = time.monotonic()
         with self._wake:
             self.busy = bool(self._waiting or self._live or self._pending)
+        if not self.busy and self._period.steps:
+            logger.info(self._period.summary())
+        if not self.busy:
+            self._period = None
 
     # ---- admission and prefill ------------------------------------------------------------------
 
@@ -287,6 +333,7 @@ class ContinuousEngine(Engine):
         try:
             inputs = self._collate([r.request for r in arrivals], torch.device("cpu"))
             prefill = self.decoder.prefill(inputs, first_slot, self.device)
+            self._period.prefilled(len(arrivals), inputs["input_ids"].numel(), time.monotonic() - started)
             if compiled_graphs() != graphs:  # every live sequence waited for it
                 logger.warning("The prefill of %d prompts x %d tokens compiled new graphs (%.1fs): a shape the warm-up "
                                "did not cover", *inputs["input_ids"].shape, time.monotonic() - started)
@@ -356,6 +403,7 @@ class ContinuousEngine(Engine):
         sampled = any(not row.request.sampling.greedy for row in self._live)
         self.runner.run((rows, span, sampled))
         self.decode_steps += 1
+        self._period.launched()
         for row in self._live:
             row.cache_len += 1
         pending = self._to_host(list(self._live), self.state.next_token[:live])
@@ -371,6 +419,7 @@ class ContinuousEngine(Engine):
             if row.done:
                 continue  # finished earlier: this was the extra step launched before we knew
             chunk = row.advance(token, self.eos_token_ids)
+            self._period.tokens += 1
             if chunk is not None:
                 out.setdefault(row.group, [None] * row.group.size)[row.index] = chunk
             if row.done:
