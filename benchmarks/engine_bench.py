@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.glm46v_shape import glm46v_shape
 from deployments import engine as engine_module
 from deployments.continuous import ContinuousEngine
-from deployments.engine import Engine, PreparedRequest
+from deployments.engine import DTYPES, Engine, PreparedRequest
 from serve_app.settings import ContinuousEngineSettings, ModelSettings, resolve_path
 from serve_app.stage_types import (
     GenerationRequest,
@@ -69,7 +69,6 @@ from serve_app.stage_types import (
     TextPart,
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- building the engine ---------------------------------------------------------------------
@@ -100,7 +99,7 @@ def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = 
     if weights == "gptq4":
         gptq4_weights(model, torch.bfloat16 if device.type == "cuda" else dtype)
     settings = ModelSettings(id=name, path="(random weights)", device=str(device),
-                             dtype={v: k for k, v in _DTYPES.items()}[dtype], max_model_len=16384)
+                             dtype={v: k for k, v in DTYPES.items()}[dtype], max_model_len=16384)
     return Engine(settings, model, processor, device)
 
 
@@ -154,14 +153,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --random-glm46v-shape: gptq4 serves the decoder linears as a GPTQ-4 checkpoint "
                              "(group size 128) is on this device (tinygemm)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
-    parser.add_argument("--dtype", default=None, choices=["auto", *_DTYPES])
+    parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES])
     parser.add_argument("--seed", type=int, default=0)
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
     if args.random_glm46v_shape:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _DTYPES[args.dtype] if args.dtype and args.dtype != "auto" else (
+        dtype = DTYPES[args.dtype] if args.dtype and args.dtype != "auto" else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         return random_glm46v_engine(device, dtype, tiny=args.tiny, seed=args.seed, weights=args.weights)
     return Engine.load(settings_for(args.model, args.device, args.dtype))
@@ -171,7 +170,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
 
 def make_image(engine: Engine, size: tuple[int, int], seed: int) -> PreprocessedImage:
-    """Random coloured blocks of `size`, through the model's image processor as the preprocessor does."""
+    """Random coloured blocks of `size`, through the model's image processor as the preprocessor does
+    (which sends the pixels in the model's dtype where its YAML names one, as the GPU configs do)."""
     from PIL import Image
 
     rng = random.Random(seed)
@@ -181,7 +181,8 @@ def make_image(engine: Engine, size: tuple[int, int], seed: int) -> Preprocessed
     features = image_processor(images=[image], return_tensors="pt")
     t_, h, w = (int(v) for v in features["image_grid_thw"][0])
     merge = getattr(image_processor, "merge_size", 1) ** 2
-    return PreprocessedImage(features["pixel_values"], (t_, h, w), *size, tokens=t_ * h * w // merge)
+    pixels = features["pixel_values"].to(engine.model.dtype)
+    return PreprocessedImage(pixels, (t_, h, w), *size, tokens=t_ * h * w // merge)
 
 
 def make_requests(engine: Engine, count: int, image_size: tuple[int, int] | None, prompt: str,

@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deployments.engine import DTYPES  # noqa: E402
 from deployments.quantization import generation_kwargs  # noqa: E402
 from serve_app.settings import QuantizationSettings  # noqa: E402
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tensors_in(obj: Any, seen: set[int]) -> int:
@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "checkpoints" / "glm4v-demo-vqa"))
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--new-tokens", type=int, default=600)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=_DTYPES[args.dtype]).to(args.device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()
     sample = generate("test", 1)[0]
     inputs = processor(text=[build_prompt(processor, sample.question)], images=[sample.image], return_tensors="pt")
     inputs = inputs.to(args.device)

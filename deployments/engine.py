@@ -36,7 +36,7 @@ from serve_app.stage_types import GenerationChunk, GenerationRequest, SamplingPa
 
 logger = logging.getLogger("ray.serve")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # a model YAML's dtype
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Engine:
         device = torch.device(
             settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         )
-        dtype = _DTYPES.get(settings.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype = DTYPES.get(settings.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         processor = AutoProcessor.from_pretrained(source)
         if settings.load_format == "dummy":
             model = _random_weights(source, dtype, device)

@@ -69,6 +69,12 @@ class BatchSettings(_Settings):
     admission_timeout_s: float = Field(
         10.0, ge=0, description="How long a request waits for budget before a 503 with Retry-After."
     )
+    stream_interval_s: float = Field(
+        0.0, ge=0, le=1.0,
+        description="Continuous engine: after each chunk of a stream, gather tokens this long before the next "
+        "(0: each token as soon as it is decoded). Fewer, longer chunks at high concurrency; a stream's first "
+        "token and its end are never held back.",
+    )
 
 
 GptqBackend = Literal["auto", "tinygemm", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]

@@ -28,7 +28,7 @@ class ImageInput:
 class PreprocessedImage:
     """Model-ready tensors for one image, made on a CPU replica."""
 
-    pixel_values: torch.Tensor  # (patches, channels * temporal * patch * patch), float32
+    pixel_values: torch.Tensor  # (patches, channels * temporal * patch * patch), float32 or the model's dtype
     grid_thw: tuple[int, int, int]  # patch grid (time, height, width) before the 2x2 merge
     width: int  # size after decoding and resizing, before the model's processor
     height: int

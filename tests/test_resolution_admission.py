@@ -147,3 +147,22 @@ def test_an_image_seen_again_is_not_processed_again(tmp_path, monkeypatch: pytes
     first, again, low = asyncio.run(run())
     assert again is first and len(calls) == 2  # the 'low' variant is a different budget
     assert low.tokens < first.tokens
+
+
+def test_pixels_leave_in_the_dtype_the_model_yaml_names(tmp_path) -> None:
+    """bf16 for a bf16 model (half the bytes over Ray; the model casts to it anyway), float32 for "auto"."""
+    import torch
+
+    from deployments.preprocess import ImagePreprocessor
+    from serve_app.demo_model import make_demo_model
+    from serve_app.settings import ImageSettings, ModelSettings
+    from serve_app.stage_types import ImageInput
+
+    path = make_demo_model(tmp_path / "demo")
+    url = data_url(png_bytes((300, 200)))
+    made = {}
+    for dtype in ("auto", "bfloat16"):
+        pre = ImagePreprocessor.func_or_class(ImageSettings(), ModelSettings(id="d", path=str(path), dtype=dtype))
+        made[dtype] = asyncio.run(pre.process(ImageInput(url, "p"))).pixel_values
+    assert made["auto"].dtype == torch.float32 and made["bfloat16"].dtype == torch.bfloat16
+    assert torch.equal(made["auto"].to(torch.bfloat16), made["bfloat16"])

@@ -8,7 +8,8 @@
 #   run(command="bash tools/device_e2e.sh 1,8,32", carry=[".devbundle"])      (about 5 minutes)
 # Arguments: the concurrency levels; each sends max(N, 4) requests at concurrency N (one burst).
 # Every figure lands in $OUT: engine.json, e2e-cN.json per level, overhead.json, serve.log (and
-# top.log with TOP=1: the processes' CPU use, sampled every second while the benches run).
+# top.log with TOP=1: the processes' CPU use, sampled every second while the benches run);
+# with STREAM_INTERVALS (below), e2e-cN-iX.json and overhead-iX.json per interval X.
 set -o pipefail
 source tools/device_env.sh || exit 1
 levels=${1:-1,8,32}
@@ -42,13 +43,34 @@ if [ -n "${TOP:-}" ]; then  # which processes hold the CPUs while the benches ru
   top -b -d 1 -w 200 -c > "$OUT/top.log" 2>&1 &
   sampler=$!
 fi
-reports=()
-for c in ${levels//,/ }; do
-  python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( c > 4 ? c : 4 )) --image-size 448x448 \
-    --output-tokens 128 --no-progress --out "$OUT/e2e-c$c.json" 2>&1 | tail -7
-  reports+=("$OUT/e2e-c$c.json")
+# STREAM_INTERVALS="0 0.05": the levels again for each value of the VLMServer's stream_interval_s,
+# set live on the running replica (its reconfigure, as a user_config change calls it).
+for interval in ${STREAM_INTERVALS:-none}; do
+  suffix=""
+  if [ "$interval" != none ]; then
+    suffix="-i$interval"
+    python3 - "$interval" <<'PY' || exit 1
+import sys, yaml, ray
+from ray import serve
+config = yaml.safe_load(open("configs/serve/glm-4.6v-shape-bench.yaml"))
+vlm = next(d for d in config["applications"][0]["deployments"] if d["name"] == "VLMServer")
+ray.init(address="auto", log_to_driver=False)
+serve.get_deployment_handle("VLMServer", app_name="vlm").reconfigure.remote(
+    {**vlm["user_config"], "stream_interval_s": float(sys.argv[1])}).result()
+print(f"stream_interval_s = {sys.argv[1]}")
+PY
+  fi
+  reports=()
+  for c in ${levels//,/ }; do
+    for run in $(seq "${REPEATS:-1}"); do  # REPEATS=5: five bursts per level (one burst varies by ~10%)
+      name="$OUT/e2e-c$c$suffix$([ "${REPEATS:-1}" -gt 1 ] && echo "-r$run").json"
+      python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( c > 4 ? c : 4 )) --image-size 448x448 \
+        --output-tokens 128 --no-progress --out "$name" 2>&1 | tail -7
+      reports+=("$name")
+    done
+  done
+  python3 benchmarks/serving_overhead.py "$OUT/engine.json" "${reports[@]}" --json "$OUT/overhead$suffix.json"
 done
-python3 benchmarks/serving_overhead.py "$OUT/engine.json" "${reports[@]}" --json "$OUT/overhead.json"
 [ -n "${sampler:-}" ] && kill $sampler
 # A background job ignores SIGINT in a script, so `serve run` is not stopped that way: stop Ray itself.
 pkill -P $server; kill $server 2> /dev/null; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
