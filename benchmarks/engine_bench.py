@@ -69,8 +69,6 @@ from serve_app.stage_types import (
     TextPart,
 )
 
-
-
 # ---- building the engine ---------------------------------------------------------------------
 
 
@@ -534,10 +532,27 @@ def main(argv: list[str] | None = None) -> int:
     if (args.tiny or args.weights != "float") and not args.random_glm46v_shape:
         parser.error("--tiny and --weights go with --random-glm46v-shape")
 
-    # The engines log to Ray Serve's logger (graph captures, compile times): show it on stderr here.
+    with serve_log_on_stderr():
+        return run(args, argv)
+
+
+@contextmanager
+def serve_log_on_stderr():
+    """The engines log to Ray Serve's logger (graph captures, compile times, busy periods): show it on
+    stderr while the benchmark runs, and no longer (the tests call `main` in their own process)."""
     serve_logger = logging.getLogger("ray.serve")
+    handler = logging.StreamHandler()
+    level = serve_logger.level
     serve_logger.setLevel(logging.INFO)
-    serve_logger.addHandler(logging.StreamHandler())
+    serve_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        serve_logger.removeHandler(handler)
+        serve_logger.setLevel(level)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     engine = load_engine(args)
     load_s = time.perf_counter() - t0

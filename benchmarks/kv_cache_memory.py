@@ -30,7 +30,6 @@ from deployments.quantization import generation_kwargs  # noqa: E402
 from serve_app.settings import QuantizationSettings  # noqa: E402
 
 
-
 def tensors_in(obj: Any, seen: set[int]) -> int:
     """Bytes of every tensor reachable from `obj` through attributes, tuples, lists and dicts."""
     if isinstance(obj, torch.Tensor):

@@ -12,11 +12,11 @@ The maths is exact: GPTQ stores, per group of `group_size` input columns, w = sc
 tinygemm computes w = scale * (q - 8) + offset, so offset = scale * (8 - zero).
 
 tinygemm is a kernel for few rows: on an H100 with GLM-4.6V's shape it decodes one sequence at
-208 tok/s (bf16: 112), but a 285-token prompt took 0.18 s to prefill, and 32 prompts 2.3 s, since it
+224 tok/s (bf16: 113), but a 285-token prompt took 0.18 s to prefill, and 32 prompts 2.3 s, since it
 reads the weights again for every 16 rows. So, as ExLlama does, many rows take the other road: the
 layer's weight is dequantized to the activations' dtype (one fused elementwise kernel once compiled)
 and multiplied by cuBLAS. That keeps a second copy of the 4-bit codes, in a plain layout (tinygemm's
-is tiled and undocumented): 4.5 bits per weight with the scales, instead of 16.
+is tiled and undocumented): about 8.5 bits per weight in all, against bf16's 16.
 
 Layouts read (gptqmodel's, as saved and as loaded by its `torch` kernel):
 - `qweight` int32 [in/8, out]: input row 8i+k in bits 4k..4k+3 of row i;
