@@ -289,9 +289,9 @@ class ContinuousEngine(Engine):
         self.last_step_at = time.monotonic()
         with self._wake:
             self.busy = bool(self._waiting or self._live or self._pending)
-        if not self.busy and self._period.steps:
-            logger.info(self._period.summary())
         if not self.busy:
+            if self._period.steps:
+                logger.info(self._period.summary())
             self._period = None
 
     # ---- admission and prefill ------------------------------------------------------------------
