@@ -28,34 +28,15 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from deployments.prompts import PreparedRequest, Prompter
 from deployments.quantization import describe, describe_quantization, generation_kwargs, load_kwargs, prepare_model
 from serve_app.checkpoints import ensure_checkpoint
-from serve_app.errors import ContextLengthError, InvalidRequestError
 from serve_app.settings import ModelSettings
-from serve_app.stage_types import GenerationChunk, GenerationRequest, SamplingParams
+from serve_app.stage_types import GenerationChunk, GenerationRequest
 
 logger = logging.getLogger("ray.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # a model YAML's dtype
-
-
-@dataclass
-class PreparedRequest:
-    """A request rendered and tokenized for the model, with its limits resolved."""
-
-    input_ids: list[int]
-    mm_token_type_ids: list[int] | None
-    pixel_values: torch.Tensor | None
-    image_grid_thw: list[tuple[int, int, int]]
-    sampling: SamplingParams
-    max_tokens: int
-    image_tokens: int = 0
-    # Set by the server when the client goes away; the engine drops the row at its next step.
-    cancelled: bool = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.input_ids)
 
 
 # Emits one step's new chunks, one entry per row (None: nothing new for that row this step).
@@ -87,7 +68,7 @@ class Engine:
         self.tokenizer = processor.tokenizer
         self.model = model
         self._generation_extra = generation_kwargs(settings.quantization)
-        self.image_token: str = processor.image_token
+        self.prompter = Prompter(settings, processor)
         self.eos_token_ids: set[int] = self._eos_ids()
         self.pad_token_id: int = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_token_ids)
@@ -129,50 +110,14 @@ class Engine:
     # ---- preparing one request ---------------------------------------------------------------
 
     def render_prompt(self, request: GenerationRequest) -> str:
-        """The conversation as the model's chat template writes it, one image token per image."""
-        messages = [m.as_template_message() for m in request.messages]
-        if self.settings.system_prompt and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.settings.system_prompt}]})
-        return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False
-        )
+        return self.prompter.render(request)
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        prompt = self.render_prompt(request)
-        pieces = prompt.split(self.image_token)
-        if len(pieces) - 1 != len(request.images):
-            raise InvalidRequestError(
-                f"The prompt has {len(pieces) - 1} image placeholders for {len(request.images)} images."
-            )
-        # Each image placeholder becomes as many image tokens as its patch grid yields after merging.
-        grids = [image.grid_thw for image in request.images]
-        expanded = pieces[0]
-        for index, piece in enumerate(pieces[1:]):
-            expanded += self.processor.replace_image_token({"image_grid_thw": torch.tensor(grids)}, index) + piece
-        input_ids: list[int] = self.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+        return self.prompter.prepare(request)
 
-        limit = self.settings.max_model_len
-        room = limit - len(input_ids)
-        asked = request.sampling.max_tokens
-        if room < 1 or (asked is not None and asked > room):
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(input_ids) + (asked or 1)} tokens ({len(input_ids)} in the messages, "
-                f"{asked or 1} in the completion). Please reduce the length of the messages or completion.",
-                param="messages",
-            )
-        max_tokens = asked if asked is not None else min(self.settings.default_max_tokens, room)
-
-        make_types = getattr(self.processor, "create_mm_token_type_ids", None)
-        return PreparedRequest(
-            input_ids=input_ids,
-            mm_token_type_ids=make_types([input_ids])[0] if make_types else None,
-            pixel_values=torch.cat([i.pixel_values for i in request.images]) if request.images else None,
-            image_grid_thw=grids,
-            sampling=request.sampling,
-            max_tokens=max_tokens,
-            image_tokens=sum(image.tokens for image in request.images),
-        )
+    def cancel(self, request: PreparedRequest) -> None:
+        """The client went away (or the request ended): the engine drops the row at its next step."""
+        request.cancelled = True
 
     # ---- running a batch ---------------------------------------------------------------------
 
