@@ -8,6 +8,8 @@ the engine (`ModelSettings.engine`):
   returns at once, free to gather the next arrivals;
 - the generate() engine: the batch runs through one `generate()` call on a one-thread executor, and
   the next batch is gathered while it runs.
+With `engine_process: true` in the model's YAML the engine runs in a child process
+(deployments/engine_process.py) and this replica only prepares requests and streams their chunks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ray import serve
 from deployments.admission import AdmissionBudget, Cost
 from deployments.continuous import load_engine
 from deployments.engine import PreparedRequest
+from deployments.engine_process import EngineProcess
 from serve_app.metrics import VLMMetrics
 from serve_app.settings import BatchSettings, ModelSettings
 from serve_app.stage_types import GenerationChunk, GenerationRequest
@@ -78,7 +81,8 @@ class ModelInfo:
 )
 class VLMServer:
     def __init__(self, model_settings: ModelSettings, batching: BatchSettings | None = None) -> None:
-        self._engine = load_engine(model_settings)
+        # The engine's loop in a process of its own, or in a thread of this one (ModelSettings.engine_process).
+        self._engine = EngineProcess(model_settings) if model_settings.engine_process else load_engine(model_settings)
         # One thread: generate() runs one batch at a time, off the event loop that feeds the streams
         # (the continuous engine has its own thread; this one then only runs health probes).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -124,7 +128,7 @@ class VLMServer:
         finally:
             # Reached on completion, on an error and when the client goes away (cancellation or an
             # abandoned stream): the engine drops the row at its next step either way.
-            prepared.cancelled = True
+            self._engine.cancel(prepared)
             await self._budget.release(cost)
             self._in_flight -= 1
             self._metrics.queue_depth.set(self._in_flight)

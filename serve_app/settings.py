@@ -182,6 +182,12 @@ class ModelSettings(_Settings):
         "'generate': one transformers generate() per batch; 'auto': continuous where supported.",
     )
     continuous: ContinuousEngineSettings = ContinuousEngineSettings()
+    engine_process: bool = Field(
+        False,
+        description="Run the engine in a process of its own, which the model replica drives over pipes: the "
+        "replica's request handling then never shares a GIL with the engine's kernel launches (RESULTS.md run G). "
+        "Costs a second process start and the processor loaded twice.",
+    )
 
     @property
     def names(self) -> list[str]:
