@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
 from deployments import int4_linear
@@ -55,6 +56,12 @@ def unsupported_reason(model, kv_cache_quantization: str = "none") -> str | None
     if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return "its attention has no q/k/v/o projections"
     return None
+
+
+# Not cuDNN's attention, which PyTorch picks first for prompts on an H100: it builds a plan for each new
+# (rows, width) shape, ~45 ms the first time for the 40 layers of the GLM-4.6V shape, and served prompt
+# passes rarely repeat a shape (benchmarks/RESULTS.md, run G). FlashAttention has no per-shape setup.
+PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -299,8 +306,9 @@ class Glm4vDecoder:
         cache_v[slots[:, None], :, positions[None, :]] = v
         # enable_gqa: the kernels read each key/value head for its group of query heads, where
         # repeating them first cost a copy as long as the attention itself.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling,
-            enable_gqa=True,
-        )
+        with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling,
+                enable_gqa=True,
+            )
         return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))
