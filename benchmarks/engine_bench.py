@@ -274,25 +274,39 @@ def _recording_detokenizers(made: list):
         engine_module._Detokenizer = original
 
 
-def run_engine(engine: Engine, batch: list[PreparedRequest]) -> Run:
-    """The engine's batch path, as the VLMServer drives it (minus Ray)."""
+def run_engine(engine: Engine, batch: list[PreparedRequest], spread_s: float = 0.0, group: int = 3) -> Run:
+    """The engine's batch path, as the VLMServer drives it (minus Ray). With `spread_s` (continuous
+    engine), the rows arrive in groups of `group`, evenly over that many seconds, as a served burst's
+    requests reach the model replica (RESULTS.md run G), instead of all at once."""
     first: list[float] = []
     texts = [""] * len(batch)
     detokenizers: list = []
 
-    def on_step(chunks) -> None:
+    def on_step(chunks, offset: int = 0) -> None:
         if not first:
             first.append(time.perf_counter())
         for i, chunk in enumerate(chunks):
             if chunk is not None:
-                texts[i] += chunk.text
+                texts[offset + i] += chunk.text
 
     _sync(engine.device)
     with _recording_detokenizers(detokenizers):
         start = time.perf_counter()
-        engine.generate_batch(batch, on_step)
+        if spread_s > 0:
+            starts = range(0, len(batch), group)
+            futures = []
+            for n, offset in enumerate(starts):
+                time.sleep(max(0.0, start + n * spread_s / max(1, len(starts) - 1) - time.perf_counter()))
+                futures.append(engine.submit(batch[offset:offset + group],
+                                             lambda chunks, offset=offset: on_step(chunks, offset)))
+            for future in futures:
+                future.result()
+        else:
+            engine.generate_batch(batch, on_step)
         _sync(engine.device)
         total = time.perf_counter() - start
+    while engine.busy:  # the continuous engine's extra step: each run its own busy period (and log line)
+        time.sleep(0.001)
     tokens = [list(d.tokens) for d in detokenizers] if len(detokenizers) == len(batch) else []
     # The first token reaches the host at the first step; on_step may come later when that token
     # has no text of its own (e.g. ids outside a small tokenizer's vocabulary).
@@ -378,7 +392,8 @@ def run_levels(engine: Engine, cengine: ContinuousEngine | None, args: argparse.
         for _ in range(args.repeats):
             base_runs.append(run_baseline(engine, batch, args.new_tokens))
             for key, path in engines.items():
-                path_runs[key].append(run_engine(path, batch))
+                path_runs[key].append(run_engine(path, batch, args.arrival_spread if key == "continuous" else 0.0,
+                                                 args.arrival_group))
         base = figures(base_runs, b, args.new_tokens)
         level: dict[str, Any] = {
             "batch_size": b,
@@ -521,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="continuous: padded prompt tokens per prefill pass (default: the settings')")
     parser.add_argument("--warmup-max-len", type=int, default=1024,
                         help="continuous with --cuda-graphs: cache spans captured at load")
+    parser.add_argument("--arrival-spread", type=float, default=0.0,
+                        help="continuous: a level's rows arrive over this many seconds (0: all at once)")
+    parser.add_argument("--arrival-group", type=int, default=3, help="with --arrival-spread: rows per arrival")
     parser.add_argument("--arrival-after", type=int, default=16,
                         help="continuous, B > 1: the late request arrives after this many tokens (0: skip)")
     args = parser.parse_args(argv)

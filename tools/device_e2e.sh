@@ -19,8 +19,9 @@ if [ -n "${PREFILL_PROFILE:-}" ]; then  # where prefill's time goes (benchmarks/
   python3 benchmarks/prefill_profile.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
     --profile-batch "${levels##*,}" --json "$OUT/prefill.json" 2>&1 | grep -v "processor_kwargs" || exit 1
 fi
-# The engine options as configs/models/glm-4.6v-flash-dummy.yaml has them.
-python3 benchmarks/engine_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
+# The engine options as configs/models/glm-4.6v-flash-dummy.yaml has them (SKIP_ENGINE=1: keep the
+# $OUT/engine.json an earlier run of this script left in the same call, to compare two server settings).
+[ -n "${SKIP_ENGINE:-}" ] || python3 benchmarks/engine_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
   --new-tokens 128 --image-size 448x448 --engines continuous --cuda-graphs --compile --warmup-max-len 1024 \
   --max-prefill-tokens 4096 \
   --json "$OUT/engine.json" 2>&1 | grep -v "processor_kwargs\|Captured the decode step"
@@ -39,6 +40,12 @@ until curl -sf http://127.0.0.1:8000/v1/models > /dev/null; do
   sleep 2
 done
 echo "ready after $(( $(date +%s) - started )) s"
+if [ -n "${PYSPY:-}" ]; then  # PYSPY=30: which threads of the model replica hold the GIL, sampled for 30 s
+  python3 -m pip install -q --no-index --no-deps --target /tmp/pyspy .devbundle/py_spy-*.whl || exit 1
+  replica=$(pgrep -f "ServeReplica:vlm:VLMServer" | head -1)
+  /tmp/pyspy/bin/py-spy record --gil --threads --nonblocking --rate 250 --format raw --duration "$PYSPY" --pid "$replica" \
+    --output "$OUT/pyspy-vlm.txt" > "$OUT/pyspy.log" 2>&1 &
+fi
 if [ -n "${TOP:-}" ]; then  # which processes hold the CPUs while the benches run: $OUT/top.log
   top -b -d 1 -w 200 -c > "$OUT/top.log" 2>&1 &
   sampler=$!

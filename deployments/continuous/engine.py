@@ -62,19 +62,15 @@ class BusyPeriod:
     started: float = field(default_factory=time.perf_counter)
     steps: int = 0
     tokens: int = 0  # streamed to rows
-    prefills: int = 0
-    prompts: int = 0
-    prompt_tokens: int = 0  # padded, as run
-    prefill_s: float = 0.0  # host time in prefill calls (the device may still be busy after)
-    last_prefill_at: float = 0.0  # seconds after `started`
+    # Each prefill pass: (started, seconds after `started`; prompts; tokens, padded as run; host seconds,
+    # the device may still be busy after).
+    passes: list[tuple[float, int, int, float]] = field(default_factory=list)
     step_gaps: list[float] = field(default_factory=list)  # between launches with no prefill between
     _last_launch: float | None = None
     _prefilled_since: bool = False
 
     def prefilled(self, prompts: int, tokens: int, seconds: float) -> None:
-        self.prefills, self.prompts = self.prefills + 1, self.prompts + prompts
-        self.prompt_tokens, self.prefill_s = self.prompt_tokens + tokens, self.prefill_s + seconds
-        self.last_prefill_at = time.perf_counter() - self.started
+        self.passes.append((time.perf_counter() - seconds - self.started, prompts, tokens, seconds))
         self._prefilled_since = True
 
     def launched(self) -> None:
@@ -87,9 +83,11 @@ class BusyPeriod:
     def summary(self) -> str:
         gaps = sorted(self.step_gaps)
         pace = f"{gaps[len(gaps) // 2] * 1e3:.1f} ms median, {gaps[int(len(gaps) * 0.9)] * 1e3:.1f} ms P90" if gaps else "-"
+        prompts, tokens, host = (sum(p[i] for p in self.passes) for i in (1, 2, 3))
+        each = ", ".join(f"+{at:.3f}s {n} in {s * 1e3:.0f} ms" for at, n, _, s in self.passes)
         return (f"Busy {time.perf_counter() - self.started:.3f}s: {self.tokens} tokens out, {self.steps} decode steps "
-                f"(between launches without a prefill: {pace}), {self.prefills} prefill passes of {self.prompts} prompts "
-                f"({self.prompt_tokens} tokens, {self.prefill_s:.3f}s on the host, the last at +{self.last_prefill_at:.3f}s)")
+                f"(between launches without a prefill: {pace}), {len(self.passes)} prefill passes of {prompts} prompts "
+                f"({tokens} tokens, {host:.3f}s on the host: {each})")
 
 
 @dataclass(eq=False)
