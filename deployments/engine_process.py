@@ -60,7 +60,7 @@ class EngineInfo:
 def _dumps(message: tuple) -> bytes:
     try:
         return pickle.dumps(message, protocol=5)
-    except Exception:  # an engine error that does not pickle (e.g. holds a tensor): keep its text
+    except Exception:  # noqa: BLE001 - an engine error that does not pickle (e.g. holds a tensor): keep its text
         *head, error = message
         return pickle.dumps((*head, RuntimeError(f"{type(error).__name__}: {error}")), protocol=5)
 
@@ -171,7 +171,7 @@ class EngineProcess:
         try:
             self._send(("close",))
             self._process.wait(timeout=30)
-        except Exception:  # already gone, or stuck: make sure it ends
+        except Exception:  # noqa: BLE001 - already gone, or stuck: make sure it ends
             self._process.kill()
             self._process.wait()
 

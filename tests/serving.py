@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,26 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+
+def session_processes(server: ServeProcess, matches: Callable[[list[bytes]], bool]) -> list[int]:
+    """Live processes whose command line (argv as bytes) `matches`, among the processes of `server`'s
+    session: `serve run` starts in its own session (start_new_session) and Ray's raylet, workers and
+    their children stay in it, so other servers on the machine (other tests, other people) never match."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+            if fields[0] in ("Z", "X") or int(fields[3]) != server.process.pid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if matches(argv):
+            pids.append(int(entry))
+    return sorted(pids)
 
 
 def start_server(

@@ -22,7 +22,7 @@ from serve_app.demo_model import make_demo_model
 from serve_app.errors import ServiceUnavailableError
 from serve_app.settings import ContinuousEngineSettings, ModelSettings
 from tests.conftest import MODEL, data_url, png_bytes
-from tests.serving import ROOT, ServeProcess, config_for_tests, free_port, start_server
+from tests.serving import ROOT, ServeProcess, config_for_tests, free_port, session_processes, start_server
 from tests.test_continuous_engine import mixed_requests, wait_until
 from tests.test_engine import preprocessed, run, user_request
 
@@ -138,18 +138,7 @@ def test_a_model_the_child_cannot_load_fails_the_replica_with_its_traceback(sett
 
 def engine_processes(server: ServeProcess) -> list[int]:
     """The engine children among the processes of `server`'s session (never anyone else's)."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                command = f.read().split(b"\0")
-        except OSError:
-            continue
-        if fields[0] not in ("Z", "X") and int(fields[3]) == server.process.pid and b"deployments.engine_process" in command:
-            pids.append(int(entry))
-    return pids
+    return session_processes(server, lambda argv: b"deployments.engine_process" in argv)
 
 
 @pytest.mark.integration

@@ -35,7 +35,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import MODEL, data_url, png_bytes
-from tests.serving import ServeProcess, config_for_tests, free_port, start_server
+from tests.serving import ServeProcess, config_for_tests, free_port, session_processes, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -64,28 +64,14 @@ def record(scenario: str, injects: str, **observed: object) -> None:
 
 
 def replica_pids(server: ServeProcess, deployment: str) -> list[int]:
-    """Live worker processes of `deployment`'s replicas, among the processes of `server`'s session.
-
-    `serve run` starts in its own session (start_new_session), and Ray's raylet and workers stay in
-    it, so other servers on the machine (other tests, other people) are never matched.
-    """
+    """Live worker processes of `deployment`'s replicas, among the processes of `server`'s session."""
     title = f"ray::ServeReplica:vlm:{deployment}"
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-            if fields[0] in ("Z", "X") or int(fields[3]) != server.process.pid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                name = f.read().split(b"\0", 1)[0].decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        if name == title or name.startswith(title + "."):
-            pids.append(int(entry))
-    return sorted(pids)
+
+    def is_replica(argv: list[bytes]) -> bool:
+        name = argv[0].decode(errors="replace").strip()
+        return name == title or name.startswith(title + ".")
+
+    return session_processes(server, is_replica)
 
 
 def rss_kib(pid: int) -> int | None:
