@@ -34,6 +34,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -155,7 +156,8 @@ class EngineProcess:
         """The client went away (or the request ended): the child drops the row at its next step."""
         request.cancelled = True
         if request.engine_row is not None and request.engine_row[0] in self._groups:
-            self._send(("cancel", *request.engine_row))
+            with suppress(ServiceUnavailableError):  # the child died: its rows are gone with it
+                self._send(("cancel", *request.engine_row))
 
     def probe(self) -> None:
         """One tiny forward pass in the child (between its iterations); raises if it cannot run."""

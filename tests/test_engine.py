@@ -67,7 +67,7 @@ def test_prompt_follows_glm_chat_format(engine: Engine) -> None:
         "<|assistant|>\n<think></think>\n"
     )
     prepared = engine.prepare(request)
-    image_token = engine.tokenizer.convert_tokens_to_ids(engine.image_token)
+    image_token = engine.tokenizer.convert_tokens_to_ids(engine.prompter.image_token)
     assert prepared.input_ids.count(image_token) == 4  # 56x56 -> 4x4 patches -> 2x2 merged
 
 

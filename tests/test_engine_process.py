@@ -147,7 +147,7 @@ def test_served_the_engine_process_answers_and_a_killed_one_is_replaced(tmp_path
     model_yaml = tmp_path / "demo-engine-process.yaml"
     model_yaml.write_text(yaml.safe_dump({**model, "engine_process": True}))
     config = config_for_tests(free_port(), {"model": str(model_yaml)},
-                              deployments={"VLMServer": {"health_check_period_s": 2}})
+                              deployments={"VLMServer": {"health_check_period_s": 2, "graceful_shutdown_timeout_s": 5}})
     server = start_server(tmp_path, config)
     try:
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -181,4 +181,8 @@ def test_served_the_engine_process_answers_and_a_killed_one_is_replaced(tmp_path
         assert [pid for pid in engine_processes(server) if pid != child], "no new engine process"
     finally:
         server.stop()
+    # Each child exits once its replica's end of the pipe closes, after its engine thread stops.
+    deadline = time.monotonic() + 60
+    while engine_processes(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not engine_processes(server), "an engine process outlived its server"
