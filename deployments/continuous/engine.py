@@ -62,8 +62,8 @@ class BusyPeriod:
     started: float = field(default_factory=time.perf_counter)
     steps: int = 0
     tokens: int = 0  # streamed to rows
-    # Each prefill pass: (started, seconds after `started`; prompts; tokens, padded as run; host seconds,
-    # the device may still be busy after).
+    # One entry per prefill pass: when it began (seconds after `started`), its prompts, its tokens
+    # (padded, as run) and its host seconds (after which the device may still be busy).
     passes: list[tuple[float, int, int, float]] = field(default_factory=list)
     step_gaps: list[float] = field(default_factory=list)  # between launches with no prefill between
     _last_launch: float | None = None
