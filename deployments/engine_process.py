@@ -3,8 +3,9 @@
 The model replica's process receives requests through Ray, prepares them (chat template,
 tokenization) and streams their chunks back. With the engine in that same process, all of it
 shares one GIL with the engine thread, whose prefill dispatches hundreds of kernels from Python
-per pass: a served burst of 32 spent 0.58 s of host time in prefill against 0.45 s of device work
-(benchmarks/RESULTS.md, run F). vLLM separates its engine core from its API server for the same
+per pass: on an H100 the first prefill pass of a served burst of 32, one prompt, took 140-210 ms
+while the replica received the other 31, against 39-74 ms with the engine in its own process
+(benchmarks/RESULTS.md, run G6). vLLM separates its engine core from its API server for the same
 reason. Here the replica keeps the processor, to prepare requests, and this client; a child
 process loads the model and runs the same engine (`load_engine`), and the two talk over two pipes:
 
@@ -32,20 +33,19 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from deployments.engine import StepCallback
 from deployments.prompts import PreparedRequest, Prompter
 from serve_app.errors import ServiceUnavailableError
 from serve_app.settings import ModelSettings
-from serve_app.stage_types import GenerationChunk, GenerationRequest
+from serve_app.stage_types import GenerationRequest
 
 logger = logging.getLogger("ray.serve")
 
-StepCallback = Callable[[list[GenerationChunk | None]], None]
 _BEAT_S = 0.5
 
 

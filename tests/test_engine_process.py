@@ -68,6 +68,17 @@ def test_the_same_text_limits_and_stops_as_the_engine_in_process(process, in_pro
     assert process.device == "cpu" and process.quantization == in_process.quantization
 
 
+def test_the_generate_engine_runs_behind_the_pipe_too(settings, in_process) -> None:
+    """`engine: generate` (or `auto` falling back to it) in the child: batches one after another."""
+    generate = EngineProcess(settings.model_copy(update={"engine": "generate"}))
+    try:
+        requests = mixed_requests(in_process, max_tokens=12)
+        assert run(generate, requests) == run(in_process, requests)
+        generate.probe()
+    finally:
+        generate.close()
+
+
 def test_a_cancelled_request_leaves_the_child_at_once_and_others_run_on(process) -> None:
     doomed, neighbour = long_request(process), long_request(process, "Keep going.")
     seen: list = []
