@@ -15,9 +15,9 @@ process loads the model and runs the same engine (`load_engine`), and the two ta
                        ("done", group, error or None), ("probed", job, error or None),
                        ("beat", last_step_at, live, busy) twice a second
 
-Messages are pickled by hand (protocol 5: a 2.4 MB image tensor costs ~0.3 ms each way) rather
-than by multiprocessing's pickler, which torch extends to pass tensors as shared-memory file
-descriptors. The child is started with `subprocess` (not multiprocessing's spawn, which would
+Messages are pickled by hand (protocol 5). The replica's large tensors (the images' pixels) cross
+as files on tmpfs, mapped by the child (deployments/shared_tensors.py): pickled inline, a batch of
+requests is tens of MB, which a pipe moves 64 KB at a time. The child is started with `subprocess` (not multiprocessing's spawn, which would
 re-import the Ray worker's `__main__`), exits when its input pipe closes (the replica died or
 closed it), and the replica fails every request in flight when the child's output pipe closes.
 """
@@ -35,9 +35,10 @@ import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from deployments import shared_tensors
 from deployments.engine import StepCallback
 from deployments.prompts import PreparedRequest, Prompter
 from serve_app.errors import ServiceUnavailableError
@@ -71,6 +72,7 @@ class _Group:
     batch: list[PreparedRequest]
     on_step: StepCallback
     future: Future
+    files: list[str] = field(default_factory=list)  # its tensors' files, unlinked by the child as it reads them
 
 
 class EngineProcess:
@@ -85,6 +87,7 @@ class EngineProcess:
         from serve_app.checkpoints import ensure_checkpoint
 
         self.settings = settings
+        shared_tensors.sweep()  # tensors a killed replica wrote for a child that never read them
         # The replica builds a missing demo checkpoint itself, so the child only ever loads one.
         self.prompter = Prompter(settings, AutoProcessor.from_pretrained(ensure_checkpoint(settings)))
         to_child, from_parent = os.pipe()[::-1]
@@ -139,13 +142,15 @@ class EngineProcess:
         if self._gone is not None:
             future.set_exception(self._gone)
             return future
-        self._groups[group] = _Group(batch, on_step, future)
+        self._groups[group] = entry = _Group(batch, on_step, future)
         if not self.busy:  # the child's beat may be older than this: the stall clock starts now
             self.last_step_at = time.monotonic()
         self.busy = True
         for index, request in enumerate(batch):
             request.engine_row = (group, index)
-        self._send(("submit", group, batch))
+        entry.files = self._send(("submit", group, batch))
+        for request in batch:  # the child has its own now; this replica only streams the text
+            request.pixel_values = None
         return future
 
     def generate_batch(self, batch: list[PreparedRequest], on_step: StepCallback) -> None:
@@ -179,15 +184,18 @@ class EngineProcess:
 
     # ---- the pipes -------------------------------------------------------------------------------
 
-    def _send(self, message: tuple) -> None:
-        data = pickle.dumps(message, protocol=5)
+    def _send(self, message: tuple) -> list[str]:
+        """Send `message`; returns the files its tensors went into (see deployments/shared_tensors.py)."""
+        data, files = shared_tensors.dumps(message)
         with self._send_lock:
             try:
                 self._outbox.send_bytes(data)
             except OSError:  # the child is gone (the reader may not have seen it yet): a 503 either way
+                shared_tensors.discard(files)
                 raise self._gone or ServiceUnavailableError(
                     "The model's engine process is gone; the model replica is being replaced.", retry_after_s=5
                 ) from None
+        return files
 
     def _read(self) -> None:
         while True:
@@ -235,6 +243,7 @@ class EngineProcess:
         logger.error("The engine process %d exited (code %s): failing %d groups in flight", self._process.pid, code,
                      len(self._groups))
         for group in list(self._groups.values()):
+            shared_tensors.discard(group.files)  # what the child had not read yet
             group.future.set_exception(self._gone)
         for probe in list(self._probes.values()):
             probe.set_exception(self._gone)
