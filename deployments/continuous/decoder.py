@@ -64,6 +64,15 @@ def unsupported_reason(model, kv_cache_quantization: str = "none") -> str | None
 PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (on the CPU) on `device`, without waiting for the device: CUDA makes a copy from
+    pageable memory wait for every kernel queued before it, so each `.to(device)` in a prefill pass
+    held the host until the device had caught up; one from pinned memory does not."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Prefill:
     """What one prefill pass gives the engine, row by row (rows in the order given); the prompts'
@@ -126,25 +135,34 @@ class Glm4vDecoder:
         # Left- to right-padded: row j's token t moves from column pad_j + t to column t.
         pads = width - lengths
         columns = (torch.arange(width)[None, :] + pads[:, None]) % width
-        input_ids = inputs["input_ids"].gather(1, columns).to(device)
-        position_ids = position_ids.gather(2, columns[None].expand(3, -1, -1)).to(device)
+        host_ids = inputs["input_ids"].gather(1, columns)
+        input_ids = upload(host_ids, device)
+        position_ids = upload(position_ids.gather(2, columns[None].expand(3, -1, -1)), device)
         hidden = self.embed(input_ids)
         if "pixel_values" in inputs:
-            hidden = self.merge_images(input_ids, hidden, inputs["pixel_values"].to(device),
-                                       inputs["image_grid_thw"].to(device))
+            hidden = self.merge_images(host_ids, input_ids, hidden, upload(inputs["pixel_values"], device),
+                                       inputs["image_grid_thw"])
         cos, sin = self.language_model.rotary_emb(hidden, position_ids)
         slots = self.row_ids[first_slot:first_slot + rows]
         positions = self.span_ids[:width]
         for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
             hidden = self._prompt_layer(layer, cache_k, cache_v, hidden, cos, sin, slots, positions)
-        last = hidden[torch.arange(rows, device=device), lengths.to(device) - 1]
+        last = hidden[torch.arange(rows, device=device), upload(lengths - 1, device)]
         return Prefill(self.lm_head(self.norm(last)), deltas)
 
-    def merge_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, pixel_values: torch.Tensor,
-                     grid_thw: torch.Tensor) -> torch.Tensor:
-        """The image features in place of the image tokens, as `Glm4vModel.forward` puts them."""
-        features = self.encode_images(pixel_values, grid_thw).to(embeds.dtype)
-        image_mask, _ = self.model.model.get_placeholder_mask(input_ids, embeds, image_features=features)
+    def merge_images(self, host_ids: torch.Tensor, input_ids: torch.Tensor, embeds: torch.Tensor,
+                     pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The image features in place of the image tokens, as `Glm4vModel.forward` puts them.
+
+        The tokens are counted against the features on the host (`host_ids`, `grid_thw` on the CPU):
+        HF's `get_placeholder_mask` compares them on the device, which waits for the vision encoder."""
+        image_token = self.model.config.image_token_id
+        merge = self.model.model.visual.spatial_merge_size ** 2
+        tokens, expected = int((host_ids == image_token).sum()), int(grid_thw.prod(-1).sum()) // merge
+        if tokens != expected:
+            raise ValueError(f"Image features and image tokens do not match, tokens: {tokens}, features: {expected}")
+        features = self.encode_images(pixel_values, upload(grid_thw, pixel_values.device)).to(embeds.dtype)
+        image_mask = (input_ids == image_token)[..., None].expand_as(embeds)
         return embeds.masked_scatter(image_mask, features)
 
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
