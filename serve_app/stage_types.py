@@ -7,6 +7,7 @@ them as they are.
 from __future__ import annotations
 
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,23 @@ class PreprocessedImage:
     width: int  # size after decoding and resizing, before the model's processor
     height: int
     tokens: int  # image tokens it becomes in the prompt (the grid after merging)
+
+    def __reduce__(self):
+        # The pixels travel as a numpy array: Ray hands those through its object store without copying
+        # them (pickle protocol 5 buffers), where it pickles a torch tensor through torch.save and
+        # reads it back through torch.load (~2 ms of the model replica's GIL per 448x448 image on the
+        # GPU machine, benchmarks/RESULTS.md run G1). numpy has no bfloat16: such pixels go as int16.
+        pixels = self.pixel_values.detach().cpu()
+        as_numpy = (pixels.view(torch.int16) if pixels.dtype == torch.bfloat16 else pixels).numpy()
+        return _rebuild_image, (as_numpy, pixels.dtype, self.grid_thw, self.width, self.height, self.tokens)
+
+
+def _rebuild_image(pixels, dtype: torch.dtype, grid_thw: tuple[int, int, int], width: int, height: int,
+                   tokens: int) -> PreprocessedImage:
+    with warnings.catch_warnings():  # Ray's zero-copy arrays are read-only; nothing writes pixels in place
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(pixels)
+    return PreprocessedImage(tensor.view(dtype) if dtype == torch.bfloat16 else tensor, grid_thw, width, height, tokens)
 
 
 @dataclass(frozen=True)
