@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -232,6 +233,18 @@ def test_a_failed_prefill_fails_only_its_group(engine, cengine, monkeypatch: pyt
     with pytest.raises(RuntimeError, match="simulated"):
         run(cengine, [user_request(engine, "Hi", None, max_tokens=4)])
     assert run(cengine, [user_request(engine, "Hi", None, max_tokens=4)])[0][2] >= 1
+
+
+def test_image_tokens_that_do_not_match_the_pixels_fail_only_their_group(engine, cengine) -> None:
+    # Counted on the host before anything runs on the device (Glm4vDecoder.merge_images).
+    request = user_request(engine, "What shape is this?", preprocessed(engine, (224, 224), (255, 0, 0)), max_tokens=4)
+    good = cengine.prepare(request)
+    ids = list(good.input_ids)
+    first = ids.index(engine.model.config.image_token_id)
+    ids[first] = ids[first - 1]  # one image token fewer than the image's features
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        cengine.generate_batch([replace(good, input_ids=ids)], lambda chunks: None)
+    assert run(cengine, [request])[0][2] >= 1
 
 
 def test_a_failed_step_fails_every_request_in_flight_and_the_engine_goes_on(engine, cengine, monkeypatch) -> None:

@@ -1,4 +1,5 @@
-"""Large tensors cross to another process as tmpfs files (deployments/shared_tensors.py)."""
+"""How pixels cross processes without torch's pickler: to the engine process as tmpfs files
+(deployments/shared_tensors.py), between Ray replicas as numpy arrays (PreprocessedImage)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from deployments import shared_tensors
+from serve_app.stage_types import PreprocessedImage
 
 # Reads one pickled message from stdin, as the engine process reads its pipe, and reports what it got.
 _RECEIVER = """
@@ -75,3 +77,16 @@ def test_files_nobody_will_read_are_discarded_and_a_dead_writers_swept(tmp_path:
     assert shared_tensors.sweep(tmp_path) == 1
     assert [str(p) for p in tmp_path.iterdir()] == mine  # this live process's file stays
     shared_tensors.discard(mine)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_preprocessed_image_pickles_its_pixels_out_of_band_as_ray_passes_them(dtype) -> None:
+    # Ray pickles with protocol 5 and keeps the out-of-band buffers in its object store, which hands
+    # numpy arrays back without a copy; a torch tensor would be pickled in band, through torch.save.
+    image = PreprocessedImage(_pixels().to(dtype), (1, 32, 32), 448, 448, 256)
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(image, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 1 and buffers[0].raw().nbytes == image.pixel_values.nbytes and len(data) < 1024
+    received = pickle.loads(data, buffers=buffers)
+    assert received.pixel_values.dtype == dtype and torch.equal(received.pixel_values, image.pixel_values)
+    assert (received.grid_thw, received.width, received.height, received.tokens) == ((1, 32, 32), 448, 448, 256)
