@@ -17,9 +17,10 @@ process loads the model and runs the same engine (`load_engine`), and the two ta
 
 Messages are pickled by hand (protocol 5). The replica's large tensors (the images' pixels) cross
 as files on tmpfs, mapped by the child (deployments/shared_tensors.py): pickled inline, a batch of
-requests is tens of MB, which a pipe moves 64 KB at a time. The child is started with `subprocess` (not multiprocessing's spawn, which would
-re-import the Ray worker's `__main__`), exits when its input pipe closes (the replica died or
-closed it), and the replica fails every request in flight when the child's output pipe closes.
+requests is tens of MB, which a pipe moves 64 KB at a time. The child is started with `subprocess`
+(not multiprocessing's spawn, which would re-import the Ray worker's `__main__`), exits when its
+input pipe closes (the replica died or closed it), and the replica fails every request in flight
+when the child's output pipe closes.
 """
 
 from __future__ import annotations

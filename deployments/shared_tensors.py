@@ -76,8 +76,8 @@ def _write(tensor: torch.Tensor, directory: Path) -> str | None:
     except OSError:
         return None
     try:
-        # Reserved first: a tmpfs that runs out of room while its pages are written fails the write
-        # here (ENOSPC), and the tensor goes inline.
+        # Reserved first, so that a tmpfs without room fails here (ENOSPC) before a byte is copied,
+        # and the tensor goes inline.
         os.posix_fallocate(fd, 0, len(data))
         written = 0
         while written < len(data):
