@@ -8,6 +8,7 @@ import json
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,30 @@ def test_serving_overhead_reads_the_engine_and_http_figures_of_one_workload(
     mismatched["config"]["output_tokens"] = 9
     with pytest.raises(SystemExit, match="output tokens differ"):
         overhead.rows(json.loads(engine_json.read_text()), [mismatched])
+
+
+@pytest.mark.integration
+def test_burst_timeline_reads_each_stage_of_a_burst_from_the_serve_log(server, capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("burst_timeline", ROOT / "benchmarks" / "burst_timeline.py")
+    timeline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = timeline  # its dataclass looks the module up while the file runs
+    spec.loader.exec_module(timeline)
+    assert bench.main([
+        "--base-url", f"{server.base_url}/v1", "--num-requests", "4", "--concurrency", "4", "--output-tokens", "4",
+        "--image-size", "64x64", "--no-progress",
+    ]) == 0
+    deadline = time.monotonic() + 30  # Ray forwards the replicas' lines to the log a little later
+    while True:
+        calls, admissions = timeline.parse(server.log_path.read_text(errors="replace").splitlines())
+        model = [c for burst in timeline.bursts(calls, 4) for c in burst]
+        ids = {c.request_id for c in model}
+        stages = {c.deployment for c in calls if c.request_id in ids}
+        if {"Ingress", "ImagePreprocessor", "VLMServer"} <= stages or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert {"Ingress", "ImagePreprocessor", "VLMServer"} <= stages and admissions
+    assert all(c.start <= c.end for c in calls)
+    capsys.readouterr()
+    assert timeline.main([str(server.log_path), "--min-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "model generate began" in printed and "admitted to the engine" in printed

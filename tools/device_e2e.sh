@@ -7,8 +7,9 @@
 #   here:  ../shared/tools/device-bundle.sh && tools/device_site.sh
 #   run(command="bash tools/device_e2e.sh 1,8,32", carry=[".devbundle"])      (about 5 minutes)
 # Arguments: the concurrency levels; each sends max(N, 4) requests at concurrency N (one burst).
-# Every figure lands in $OUT: engine.json, e2e-cN.json per level, overhead.json, serve.log (and
-# top.log with TOP=1: the processes' CPU use, sampled every second while the benches run);
+# Every figure lands in $OUT: engine.json, e2e-cN.json per level, overhead.json, serve.log, timeline.txt
+# (benchmarks/burst_timeline.py: when each burst's requests reached each stage) and, with TOP=1,
+# top.log (the processes' CPU use, sampled every second while the benches run);
 # with STREAM_INTERVALS (below), e2e-cN-iX.json and overhead-iX.json per interval X.
 set -o pipefail
 source tools/device_env.sh || exit 1
@@ -81,3 +82,4 @@ done
 [ -n "${sampler:-}" ] && kill $sampler
 # A background job ignores SIGINT in a script, so `serve run` is not stopped that way: stop Ray itself.
 pkill -P $server; kill $server 2> /dev/null; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
+python3 benchmarks/burst_timeline.py "$OUT/serve.log" > "$OUT/timeline.txt" 2>&1
