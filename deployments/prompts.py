@@ -43,6 +43,10 @@ class Prompter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token: str = processor.image_token
+        # GLM-4.5V/4.6V templates take `enable_thinking`; one that does not (the demo's, which never
+        # thinks) would make transformers log a warning for every request it was passed to.
+        template = str(getattr(processor, "chat_template", None) or "")
+        self._template_kwargs = {"enable_thinking": False} if "enable_thinking" in template else {}
 
     def render(self, request: GenerationRequest) -> str:
         """The conversation as the model's chat template writes it, one image token per image."""
@@ -50,7 +54,7 @@ class Prompter:
         if self.settings.system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.settings.system_prompt}]})
         return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False
+            messages, add_generation_prompt=True, tokenize=False, **self._template_kwargs
         )
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import pytest
 from PIL import Image
 from transformers import AutoImageProcessor
 
 from deployments.engine import Engine, _Detokenizer
+from deployments.prompts import Prompter
 from serve_app.demo_model import make_demo_model
 from serve_app.settings import ModelSettings
 from serve_app.stage_types import (
@@ -69,6 +73,22 @@ def test_prompt_follows_glm_chat_format(engine: Engine) -> None:
     prepared = engine.prepare(request)
     image_token = engine.tokenizer.convert_tokens_to_ids(engine.prompter.image_token)
     assert prepared.input_ids.count(image_token) == 4  # 56x56 -> 4x4 patches -> 2x2 merged
+
+
+def test_thinking_is_switched_off_only_in_templates_that_take_the_switch(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    request = user_request(engine, "Shape?", None)
+    with caplog.at_level(logging.WARNING):
+        engine.render_prompt(request)  # the demo template never thinks: no switch, no warning per request
+    assert not [r for r in caplog.records if "processor_kwargs" in r.getMessage()]
+
+    thinking = copy.copy(engine.processor)  # GLM-4.6V's own template thinks unless told otherwise
+    thinking.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content[0].text }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}/nothink{% else %}<think>{% endif %}"
+    )
+    assert Prompter(engine.settings, thinking).render(request) == "<|user|>Shape?/nothink"
 
 
 def test_greedy_batch_matches_plain_generate_alone(engine: Engine) -> None:
