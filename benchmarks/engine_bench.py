@@ -26,7 +26,10 @@ path's greedy tokens equal `generate()`'s, row by row.
 For the continuous engine at B > 1 an arrival is also measured: B-1 rows decode, and after
 `--arrival-after` of their steps one more request (the B-th row) is submitted; reported are its
 time to first token and the decode steps launched between its arrival and its first token (the
-issue's target: within 2 steps plus its own prefill), next to the running rows' step time.
+issue's target: within 2 steps plus its own prefill), next to the running rows' step time. With
+`--sustained K` the continuous engine also runs K x B requests with B in flight, each finished one
+replaced at once (a closed loop, as `vlm-serve bench --concurrency B --num-requests K*B` drives a
+server): the baseline for the serving overhead of a sustained load rather than one burst.
 
 `--random-glm46v-shape` builds a GLM-4.6V-Flash-shaped model (transformers' default `Glm46VConfig`,
 10.3B parameters, random weights, as ../shared/probes/hfbase.py did) with the demo tokenizer and
@@ -316,6 +319,50 @@ def run_engine(engine: Engine, batch: list[PreparedRequest], spread_s: float = 0
     return Run(first_token - start, total, tokens, texts, first_callback_s=first[0] - start, row_ttft_s=rows)
 
 
+def run_sustained(engine: ContinuousEngine, batch: list[PreparedRequest], total: int) -> dict[str, float]:
+    """`total` requests through the continuous engine, `len(batch)` in flight at any time (a closed
+    loop: each finished request is replaced at once by the next, the rows cycled), as `vlm-serve bench
+    --concurrency B --num-requests total` drives a server. Each request is its own group, as the
+    client's are. Output tok/s over the whole run, and the median time to first token."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    first_at: dict[int, float] = {}
+    submitted_at: dict[int, float] = {}
+
+    def submit(index: int):
+        row = replace(batch[index % len(batch)], cancelled=False, engine_row=None)
+
+        def on_step(chunks) -> None:
+            if index not in first_at and any(c is not None for c in chunks):
+                first_at[index] = time.perf_counter()
+
+        submitted_at[index] = time.perf_counter()
+        return engine.submit([row], on_step)
+
+    _sync(engine.device)
+    start = time.perf_counter()
+    pending = {submit(i) for i in range(min(len(batch), total))}
+    sent = len(pending)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            future.result()
+        while sent < total and len(pending) < len(batch):
+            pending.add(submit(sent))
+            sent += 1
+    _sync(engine.device)
+    wall = time.perf_counter() - start
+    while engine.busy:
+        time.sleep(0.001)
+    tokens = sum(r.max_tokens for r in (batch[i % len(batch)] for i in range(total)))
+    return {
+        "requests": total,
+        "total_s": wall,
+        "total_tok_s": tokens / wall,
+        "ttft_p50_s": statistics.median(first_at[i] - submitted_at[i] for i in first_at) if first_at else None,
+    }
+
+
 def figures(runs: list[Run], batch: int, new_tokens: int) -> dict[str, float]:
     """Median over repeats of each figure."""
     ttft = statistics.median(r.ttft_s for r in runs)
@@ -420,6 +467,11 @@ def run_levels(engine: Engine, cengine: ContinuousEngine | None, args: argparse.
             # The late request must arrive while the others still decode.
             after = min(args.arrival_after, args.new_tokens - 1)
             level["arrival"] = run_arrival(cengine, batch, args.new_tokens, after)
+        if cengine is not None and args.sustained:
+            level["sustained"] = sustained = run_sustained(cengine, batch, args.sustained * b)
+            print(f"{b:>4} sustained: {sustained['requests']} requests, {b} in flight: "
+                  f"{sustained['total_tok_s']:.1f} tok/s over {sustained['total_s']:.3f}s, "
+                  f"TTFT P50 {sustained['ttft_p50_s']:.3f}s", flush=True)
         levels.append(level)
         print_level(level)
     return {"levels": levels, "outputs_equal": all(lv["outputs_equal"] for lv in levels)}
@@ -539,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrival-spread", type=float, default=0.0,
                         help="continuous: a level's rows arrive over this many seconds (0: all at once)")
     parser.add_argument("--arrival-group", type=int, default=3, help="with --arrival-spread: rows per arrival")
+    parser.add_argument("--sustained", type=int, default=0, metavar="K",
+                        help="continuous: also run K x B requests with B in flight (a closed loop), as "
+                             "`vlm-serve bench --concurrency B --num-requests K*B` does")
     parser.add_argument("--arrival-after", type=int, default=16,
                         help="continuous, B > 1: the late request arrives after this many tokens (0: skip)")
     args = parser.parse_args(argv)

@@ -9,7 +9,8 @@ prints both output tok/s, their ratio and the overhead (1 - ratio; issue 7's tar
 and the engine's time to first token next to the HTTP client's P50.
 
 The workloads match where `vlm-serve bench` sends N requests at concurrency N (one burst, as the
-engine bench's batch of N) with the engine bench's image size, prompt and output tokens. Several
+engine bench's batch of N) with the engine bench's image size, prompt and output tokens; a report of
+K x N requests at concurrency N (a sustained load) is read against the engine's `--sustained K`. Several
 reports of one level (repeated bursts) also get the median of their HTTP figures.
 """
 
@@ -35,18 +36,33 @@ def rows(engine: dict[str, Any], e2e_reports: list[dict[str, Any]]) -> list[dict
             raise SystemExit(f"output tokens differ: {report['config']['output_tokens']} over HTTP, "
                              f"{engine['new_tokens']} at the engine")
         summary = report["summary"]
-        served, alone = summary["output_tokens_per_s"], level["continuous"]["total_tok_s"]
+        requests = report["config"]["num_requests"]
+        if requests > concurrency:  # a sustained load: against the engine's closed loop of as many requests
+            engine_figures = level.get("sustained")
+            if engine_figures is None or engine_figures["requests"] != requests:
+                raise SystemExit(f"the engine ran no sustained load of {requests} requests at {concurrency} "
+                                 f"(engine_bench.py --sustained {requests // concurrency})")
+        else:
+            engine_figures = level["continuous"]
+        served, alone = summary["output_tokens_per_s"], engine_figures["total_tok_s"]
         out.append({
             "concurrency": concurrency,
+            "load": "sustained" if requests > concurrency else "burst",
+            "warmup": report["config"].get("warmup", 1),
             "requests": summary["successes"],
             "engine_tok_s": alone,
             "http_tok_s": served,
             "ratio": served / alone,
             "overhead": 1 - served / alone,
-            "engine_ttft_s": level["continuous"].get("ttft_p50_s", level["continuous"]["ttft_s"]),
+            "engine_ttft_s": engine_figures.get("ttft_p50_s", engine_figures.get("ttft_s")),
             "http_ttft_p50_s": summary["ttft_s"]["p50"],
         })
     return out
+
+
+def workload(row: dict[str, Any]) -> tuple[int, str, int]:
+    """What repeated runs share: their medians are taken over runs of one workload."""
+    return row["concurrency"], row["load"], row["warmup"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,18 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     table = rows(json.loads(args.engine.read_text()), [json.loads(p.read_text()) for p in args.e2e])
-    print(f"{'conc':>5}{'reqs':>6}{'engine tok/s':>14}{'HTTP tok/s':>12}{'ratio':>8}{'overhead':>10}"
+    print(f"{'conc':>5}{'load':>10}{'reqs':>6}{'engine tok/s':>14}{'HTTP tok/s':>12}{'ratio':>8}{'overhead':>10}"
           f"{'engine TTFT s':>15}{'HTTP TTFT P50 s':>17}")
     for r in table:
-        print(f"{r['concurrency']:>5}{r['requests']:>6}{r['engine_tok_s']:>14.1f}{r['http_tok_s']:>12.1f}"
+        print(f"{r['concurrency']:>5}{r['load']:>10}{r['requests']:>6}{r['engine_tok_s']:>14.1f}{r['http_tok_s']:>12.1f}"
               f"{r['ratio']:>7.2f}x{r['overhead']:>9.1%}{r['engine_ttft_s']:>15.3f}{r['http_ttft_p50_s']:>17.3f}")
-    levels = sorted({r["concurrency"] for r in table})
-    if any(sum(r["concurrency"] == c for r in table) > 1 for c in levels):  # repeated runs: their medians
-        print("medians over the runs of each level:")
-        for c in levels:
-            runs = [r for r in table if r["concurrency"] == c]
+    levels = sorted({workload(r) for r in table})
+    if any(sum(workload(r) == key for r in table) > 1 for key in levels):
+        print("medians over the runs of each workload (warm-up requests in brackets):")
+        for key in levels:
+            runs = [r for r in table if workload(r) == key]
             http = statistics.median(r["http_tok_s"] for r in runs)
-            print(f"{c:>5}{len(runs):>6} runs{runs[0]['engine_tok_s']:>10.1f}{http:>12.1f}"
+            c, load, warmup = key
+            print(f"{c:>5}{load:>10}{len(runs):>6} runs [{warmup}]{runs[0]['engine_tok_s']:>6.1f}{http:>12.1f}"
                   f"{http / runs[0]['engine_tok_s']:>7.2f}x{1 - http / runs[0]['engine_tok_s']:>9.1%}"
                   f"{'':>15}{statistics.median(r['http_ttft_p50_s'] for r in runs):>17.3f}")
     if args.json:

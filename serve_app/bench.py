@@ -327,10 +327,15 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         ] if per_request else []
         work = Workload(model, args.prompt, args.output_tokens, args.temperature, images)
 
-        for i in range(args.warmup):  # one at a time, not counted
-            await run_one(client, work, args.num_requests + i, args.timeout)
-
         concurrency = args.concurrency if args.concurrency else None
+        # Not counted; as many at once as the run will have in flight, so that it starts on open
+        # keep-alive connections, as a client under steady load does (and as the engine benchmark,
+        # warmed at each batch size, has no connections to open).
+        width = max(1, min(concurrency or 1, args.warmup))
+        for first in range(0, args.warmup, width):
+            await asyncio.gather(*(run_one(client, work, args.num_requests + i, args.timeout)
+                                   for i in range(first, min(first + width, args.warmup))))
+
         rate = args.request_rate if args.request_rate is not None else math.inf
         if concurrency is None and math.isinf(rate):
             concurrency = 1
@@ -404,7 +409,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exact completion length (max_tokens, min_tokens and ignore_eos)")
     parser.add_argument("--prompt", default="Describe this image in detail.")
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--warmup", type=int, default=1, help="requests sent one by one first, not counted")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="requests sent first, not counted, up to --concurrency at once")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrival times")
     parser.add_argument("--out", default=None, help="write the figures and per-request records as JSON")

@@ -204,27 +204,38 @@ def test_serving_overhead_reads_the_engine_and_http_figures_of_one_workload(
     spec = importlib.util.spec_from_file_location("serving_overhead", ROOT / "benchmarks" / "serving_overhead.py")
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
-    engine_json, e2e_json, table_json = tmp_path / "engine.json", tmp_path / "e2e-c3.json", tmp_path / "rows.json"
+    engine_json, table_json = tmp_path / "engine.json", tmp_path / "rows.json"
+    burst_json, sustained_json = tmp_path / "e2e-c3.json", tmp_path / "e2e-c3-sustained.json"
     assert load_engine_bench().main([
         "--model", "configs/models/demo.yaml", "--device", "cpu", "--batch-sizes", "3", "--new-tokens", "8",
         "--image-size", "64x64", "--engines", "continuous", "--warmup", "0", "--arrival-after", "0",
-        "--json", str(engine_json),
+        "--sustained", "2", "--json", str(engine_json),
     ]) == 0
-    assert bench.main([
-        "--base-url", f"{server.base_url}/v1", "--num-requests", "3", "--concurrency", "3", "--output-tokens", "8",
-        "--image-size", "64x64", "--out", str(e2e_json), "--no-progress",
-    ]) == 0
+    sustained = json.loads(engine_json.read_text())["levels"][0]["sustained"]
+    assert sustained["requests"] == 6 and sustained["total_tok_s"] == pytest.approx(48 / sustained["total_s"])
+    for out, requests in ((burst_json, "3"), (sustained_json, "6")):
+        assert bench.main([
+            "--base-url", f"{server.base_url}/v1", "--num-requests", requests, "--concurrency", "3",
+            "--output-tokens", "8", "--image-size", "64x64", "--out", str(out), "--no-progress",
+        ]) == 0
     capsys.readouterr()
-    assert overhead.main([str(engine_json), str(e2e_json), "--json", str(table_json)]) == 0
+    assert overhead.main([str(engine_json), str(burst_json), str(sustained_json), "--json", str(table_json)]) == 0
     printed = capsys.readouterr().out
-    [row] = json.loads(table_json.read_text())
-    assert row["concurrency"] == 3 and row["requests"] == 3
-    assert row["engine_tok_s"] > 0 and row["http_tok_s"] > 0
-    assert row["ratio"] == pytest.approx(row["http_tok_s"] / row["engine_tok_s"])
-    assert 0 < row["http_ttft_p50_s"] and 0 < row["engine_ttft_s"]
-    assert printed.splitlines()[1].split()[:2] == ["3", "3"]
+    burst, steady = json.loads(table_json.read_text())
+    assert (burst["load"], burst["requests"], steady["load"], steady["requests"]) == ("burst", 3, "sustained", 6)
+    assert steady["engine_tok_s"] == sustained["total_tok_s"]  # each load against its own engine figure
+    for row in (burst, steady):
+        assert row["concurrency"] == 3 and row["engine_tok_s"] > 0 and row["http_tok_s"] > 0
+        assert row["ratio"] == pytest.approx(row["http_tok_s"] / row["engine_tok_s"])
+        assert 0 < row["http_ttft_p50_s"] and 0 < row["engine_ttft_s"]
+    assert [line.split()[:3] for line in printed.splitlines()[1:3]] == [["3", "burst", "3"], ["3", "sustained", "6"]]
 
-    mismatched = json.loads(e2e_json.read_text())
+    engine_without = json.loads(engine_json.read_text())
+    del engine_without["levels"][0]["sustained"]
+    with pytest.raises(SystemExit, match="no sustained load of 6 requests"):
+        overhead.rows(engine_without, [json.loads(sustained_json.read_text())])
+
+    mismatched = json.loads(burst_json.read_text())
     mismatched["config"]["output_tokens"] = 9
     with pytest.raises(SystemExit, match="output tokens differ"):
         overhead.rows(json.loads(engine_json.read_text()), [mismatched])

@@ -10,7 +10,8 @@
 # Every figure lands in $OUT: engine.json, e2e-cN.json per level, overhead.json, serve.log, timeline.txt
 # (benchmarks/burst_timeline.py: when each burst's requests reached each stage) and, with TOP=1,
 # top.log (the processes' CPU use, sampled every second while the benches run);
-# with STREAM_INTERVALS (below), e2e-cN-iX.json and overhead-iX.json per interval X.
+# with STREAM_INTERVALS (below), e2e-cN-iX.json and overhead-iX.json per interval X; with SUSTAINED=K,
+# e2e-cN-sustained.json too: K x N requests at concurrency N, against the engine's closed loop of as many.
 set -o pipefail
 source tools/device_env.sh || exit 1
 levels=${1:-1,8,32}
@@ -24,7 +25,7 @@ fi
 # $OUT/engine.json an earlier run of this script left in the same call, to compare two server settings).
 [ -n "${SKIP_ENGINE:-}" ] || python3 benchmarks/engine_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
   --new-tokens 128 --image-size 448x448 --engines continuous --cuda-graphs --compile --warmup-max-len 1024 \
-  --max-prefill-tokens 4096 \
+  --max-prefill-tokens 4096 ${SUSTAINED:+--sustained "$SUSTAINED"} \
   --json "$OUT/engine.json" 2>&1 | grep -v "processor_kwargs\|Captured the decode step"
 # Its exit status says whether greedy outputs equal generate()'s, which random bf16 weights' flat
 # logits do not keep for long (benchmarks/RESULTS.md); what matters here is that it wrote figures.
@@ -71,10 +72,22 @@ PY
   reports=()
   for c in ${levels//,/ }; do
     for run in $(seq "${REPEATS:-1}"); do  # REPEATS=5: five bursts per level (one burst varies by ~10%)
-      name="$OUT/e2e-c$c$suffix$([ "${REPEATS:-1}" -gt 1 ] && echo "-r$run").json"
+     # WARMUP=c: as many warm-up requests as the level's concurrency, sent at once (the run starts on
+     # open connections); WARMUP="1 c": both, one after the other in each repeat (e2e-cN-w1, -wc)
+     for warmup in ${WARMUP:-1}; do
+      tag=""; [ "${WARMUP:-1}" != "$warmup" ] && tag="-w$warmup"
+      [ "$warmup" = c ] && warmup=$c
+      name="$OUT/e2e-c$c$suffix$tag$([ "${REPEATS:-1}" -gt 1 ] && echo "-r$run").json"
       python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( c > 4 ? c : 4 )) --image-size 448x448 \
-        --output-tokens 128 --no-progress --out "$name" 2>&1 | tail -7
+        --output-tokens 128 --warmup "$warmup" --no-progress --out "$name" 2>&1 | tail -7
       reports+=("$name")
+      if [ -n "${SUSTAINED:-}" ]; then  # SUSTAINED=K: also K x C requests at concurrency C (engine: --sustained K)
+        name="${name%.json}-sustained.json"
+        python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( SUSTAINED * c )) --image-size 448x448 \
+          --output-tokens 128 --warmup "$warmup" --no-progress --out "$name" 2>&1 | tail -7
+        reports+=("$name")
+      fi
+     done
     done
   done
   python3 benchmarks/serving_overhead.py "$OUT/engine.json" "${reports[@]}" --json "$OUT/overhead$suffix.json"
