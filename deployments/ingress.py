@@ -1,7 +1,8 @@
 """Ingress: the HTTP face of the graph — OpenAI routes, errors, streaming and the web page.
 
-It validates requests, sends images to the ImagePreprocessor (concurrently) and the prompt plus
-tensors to the VLMServer, and turns the token stream into OpenAI responses.
+It validates requests, sends images to the ImagePreprocessor (concurrently) and the prompt to the
+VLMServer, which gets the preprocessor's tensors straight from it, and turns the token stream into
+OpenAI responses.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at runtime.
@@ -45,7 +46,7 @@ from serve_app.protocol import (
 from serve_app.ratelimit_headers import RATE_LIMIT_HEADERS, ratelimit_headers
 from serve_app.settings import IngressSettings, ModelSettings
 from serve_app.sse import chat_completion_events
-from serve_app.stage_types import GenerationChunk, GenerationRequest, ImageInput, PreprocessedImage, RateDecision
+from serve_app.stage_types import GenerationChunk, GenerationRequest, RateDecision
 from serve_app.web import router as web_router
 
 logger = logging.getLogger("ray.serve")
@@ -188,10 +189,14 @@ class Ingress:
         await self._ensure_model_ready()
         budget = await self._admit(principal, estimate_tokens(body, self._model.default_max_tokens))
         try:
-            images = await self._preprocess(image_inputs)
-            generation = GenerationRequest(messages=messages, images=images, sampling=sampling)
-            stream = self._observed(self._vlm.options(stream=True).generate.remote(generation), started)
-            first = await self._call(anext(stream))  # request errors arrive here, before any byte is sent
+            # The preprocessor's responses go to the model stage as they are: Serve hands each to it as
+            # an object reference, so pixels travel from one replica to the other through the object
+            # store without this event loop waiting for them, deserializing and sending them on.
+            images = [self._preprocessor.process.remote(image) for image in image_inputs]
+            generation = GenerationRequest(messages=messages, images=[], sampling=sampling)
+            stream = self._observed(self._vlm.options(stream=True).generate.remote(generation, *images), started)
+            # Request errors arrive here, before any byte is sent: the image stage's too.
+            first = await self._call(anext(stream))
         except APIError as exc:
             await budget.settle(0)
             exc.extra_headers = budget.headers
@@ -264,9 +269,6 @@ class Ingress:
             raise ServiceUnavailableError("The model stage is unavailable; try again shortly.", retry_after_s=5) from exc
         except Exception as exc:
             raise unwrap(exc) or exc
-
-    async def _preprocess(self, inputs: list[ImageInput]) -> list[PreprocessedImage]:
-        return list(await self._call(asyncio.gather(*(self._preprocessor.process.remote(i) for i in inputs))))
 
     @staticmethod
     async def _collect(

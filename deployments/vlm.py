@@ -30,7 +30,7 @@ from deployments.engine import PreparedRequest
 from deployments.engine_process import EngineProcess
 from serve_app.metrics import VLMMetrics
 from serve_app.settings import BatchSettings, ModelSettings
-from serve_app.stage_types import GenerationChunk, GenerationRequest
+from serve_app.stage_types import GenerationChunk, GenerationRequest, PreprocessedImage
 
 logger = logging.getLogger("ray.serve")
 
@@ -108,8 +108,14 @@ class VLMServer:
         return ModelInfo(s.id, list(s.aliases), self._engine.quantization, s.max_model_len, str(self._engine.device),
                          self._budget.max_tokens, self._budget.max_images)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one request's text; errors in the request surface before its first chunk."""
+    async def generate(self, request: GenerationRequest, *images: PreprocessedImage) -> AsyncIterator[GenerationChunk]:
+        """Stream one request's text; errors in the request surface before its first chunk.
+
+        `images` (the request's, in order) come as arguments of their own: the ingress passes the
+        preprocessor's responses here unresolved, and Serve resolves only top-level arguments.
+        """
+        if images:
+            request = replace(request, images=[*request.images, *images])
         prepared = await asyncio.to_thread(self._engine.prepare, request)
         cost = Cost(tokens=prepared.prompt_tokens + prepared.max_tokens, images=len(request.images))
         await self._budget.acquire(cost, self._admission_timeout_s)
