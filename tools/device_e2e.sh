@@ -71,6 +71,10 @@ PY
   fi
   reports=()
   for c in ${levels//,/ }; do
+    # Untimed: one burst of 2-token answers at this concurrency, as engine_bench.py warms each level
+    # up before timing it (the first burst a fresh server meets pays for its first shapes).
+    python3 -m serve_app.cli bench --concurrency "$c" --num-requests "$c" --image-size 448x448 --output-tokens 2 \
+      --warmup 0 --no-progress > /dev/null 2>&1
     for run in $(seq "${REPEATS:-1}"); do  # REPEATS=5: five bursts per level (one burst varies by ~10%)
      # WARMUP=c: as many warm-up requests as the level's concurrency, sent at once (the run starts on
      # open connections); WARMUP="1 c": both, one after the other in each repeat (e2e-cN-w1, -wc)
