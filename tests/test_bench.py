@@ -213,16 +213,17 @@ def test_serving_overhead_reads_the_engine_and_http_figures_of_one_workload(
     ]) == 0
     sustained = json.loads(engine_json.read_text())["levels"][0]["sustained"]
     assert sustained["requests"] == 6 and sustained["total_tok_s"] == pytest.approx(48 / sustained["total_s"])
-    for out, requests in ((burst_json, "3"), (sustained_json, "6")):
+    for out, requests, warmup in ((burst_json, "3", "1"), (sustained_json, "6", "3")):  # 3: sent at once
         assert bench.main([
             "--base-url", f"{server.base_url}/v1", "--num-requests", requests, "--concurrency", "3",
-            "--output-tokens", "8", "--image-size", "64x64", "--out", str(out), "--no-progress",
+            "--output-tokens", "8", "--image-size", "64x64", "--warmup", warmup, "--out", str(out), "--no-progress",
         ]) == 0
     capsys.readouterr()
     assert overhead.main([str(engine_json), str(burst_json), str(sustained_json), "--json", str(table_json)]) == 0
     printed = capsys.readouterr().out
     burst, steady = json.loads(table_json.read_text())
     assert (burst["load"], burst["requests"], steady["load"], steady["requests"]) == ("burst", 3, "sustained", 6)
+    assert (burst["warmup"], steady["warmup"]) == (1, 3)  # warm-up requests are not counted
     assert steady["engine_tok_s"] == sustained["total_tok_s"]  # each load against its own engine figure
     for row in (burst, steady):
         assert row["concurrency"] == 3 and row["engine_tok_s"] > 0 and row["http_tok_s"] > 0
