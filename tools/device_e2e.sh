@@ -19,14 +19,14 @@ levels=${1:-1,8,32}
 python3 -c "import serve_app.app, serve_app.bench, openai" || exit 1
 if [ -n "${PREFILL_PROFILE:-}" ]; then  # where prefill's time goes (benchmarks/prefill_profile.py)
   python3 benchmarks/prefill_profile.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
-    --profile-batch "${levels##*,}" --json "$OUT/prefill.json" 2>&1 | grep -v "processor_kwargs" || exit 1
+    --profile-batch "${levels##*,}" --json "$OUT/prefill.json" || exit 1
 fi
 # The engine options as configs/models/glm-4.6v-flash-dummy.yaml has them (SKIP_ENGINE=1: keep the
 # $OUT/engine.json an earlier run of this script left in the same call, to compare two server settings).
 [ -n "${SKIP_ENGINE:-}" ] || python3 benchmarks/engine_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
   --new-tokens 128 --image-size 448x448 --engines continuous --cuda-graphs --compile --warmup-max-len 1024 \
   --max-prefill-tokens 4096 ${SUSTAINED:+--sustained "$SUSTAINED"} \
-  --json "$OUT/engine.json" 2>&1 | grep -v "processor_kwargs\|Captured the decode step"
+  --json "$OUT/engine.json" 2>&1 | grep -v "Captured the decode step"
 # Its exit status says whether greedy outputs equal generate()'s, which random bf16 weights' flat
 # logits do not keep for long (benchmarks/RESULTS.md); what matters here is that it wrote figures.
 [ -s "$OUT/engine.json" ] || exit 1
@@ -52,6 +52,11 @@ if [ -n "${TOP:-}" ]; then  # which processes hold the CPUs while the benches ru
   top -b -d 1 -w 200 -c > "$OUT/top.log" 2>&1 &
   sampler=$!
 fi
+# bench CONCURRENCY REQUESTS WARMUP OUTPUT_TOKENS [more vlm-serve bench options]
+bench() {
+  python3 -m serve_app.cli bench --concurrency "$1" --num-requests "$2" --warmup "$3" --output-tokens "$4" \
+    --image-size 448x448 --no-progress "${@:5}"
+}
 # STREAM_INTERVALS="0 0.05": the levels again for each value of the VLMServer's stream_interval_s,
 # set live on the running replica (its reconfigure, as a user_config change calls it).
 for interval in ${STREAM_INTERVALS:-none}; do
@@ -73,25 +78,21 @@ PY
   for c in ${levels//,/ }; do
     # Untimed: one burst of 2-token answers at this concurrency, as engine_bench.py warms each level
     # up before timing it (the first burst a fresh server meets pays for its first shapes).
-    python3 -m serve_app.cli bench --concurrency "$c" --num-requests "$c" --image-size 448x448 --output-tokens 2 \
-      --warmup 0 --no-progress > /dev/null 2>&1
+    bench "$c" "$c" 0 2 > /dev/null 2>&1
     for run in $(seq "${REPEATS:-1}"); do  # REPEATS=5: five bursts per level (one burst varies by ~10%)
-     # WARMUP=c: as many warm-up requests as the level's concurrency, sent at once (the run starts on
-     # open connections); WARMUP="1 c": both, one after the other in each repeat (e2e-cN-w1, -wc)
-     for warmup in ${WARMUP:-1}; do
-      tag=""; [ "${WARMUP:-1}" != "$warmup" ] && tag="-w$warmup"
-      [ "$warmup" = c ] && warmup=$c
-      name="$OUT/e2e-c$c$suffix$tag$([ "${REPEATS:-1}" -gt 1 ] && echo "-r$run").json"
-      python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( c > 4 ? c : 4 )) --image-size 448x448 \
-        --output-tokens 128 --warmup "$warmup" --no-progress --out "$name" 2>&1 | tail -7
-      reports+=("$name")
-      if [ -n "${SUSTAINED:-}" ]; then  # SUSTAINED=K: also K x C requests at concurrency C (engine: --sustained K)
-        name="${name%.json}-sustained.json"
-        python3 -m serve_app.cli bench --concurrency "$c" --num-requests $(( SUSTAINED * c )) --image-size 448x448 \
-          --output-tokens 128 --warmup "$warmup" --no-progress --out "$name" 2>&1 | tail -7
+      # WARMUP=c: as many warm-up requests as the level's concurrency, sent at once (the run starts on
+      # open connections); WARMUP="1 c": both, one after the other in each repeat (e2e-cN-w1, -wc)
+      for warmup in ${WARMUP:-1}; do
+        tag=""; [ "${WARMUP:-1}" != "$warmup" ] && tag="-w$warmup"
+        [ "$warmup" = c ] && warmup=$c
+        name="$OUT/e2e-c$c$suffix$tag$([ "${REPEATS:-1}" -gt 1 ] && echo "-r$run").json"
+        bench "$c" $(( c > 4 ? c : 4 )) "$warmup" 128 --out "$name" 2>&1 | tail -7
         reports+=("$name")
-      fi
-     done
+        if [ -n "${SUSTAINED:-}" ]; then  # SUSTAINED=K: also K x C requests at concurrency C (engine: --sustained K)
+          bench "$c" $(( SUSTAINED * c )) "$warmup" 128 --out "${name%.json}-sustained.json" 2>&1 | tail -7
+          reports+=("${name%.json}-sustained.json")
+        fi
+      done
     done
   done
   python3 benchmarks/serving_overhead.py "$OUT/engine.json" "${reports[@]}" --json "$OUT/overhead$suffix.json"
