@@ -13,7 +13,7 @@ tokens). The same prepared rows then run, in the same process and order:
 - baseline: plain `model.generate()` on the engine's left-padded collation, greedy, with
   `min_new_tokens = max_new_tokens = N` (exactly N tokens; end-of-sequence is suppressed);
 - engine: `Engine.generate_batch` with `SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)`;
-- continuous: the same rows through `ContinuousEngine.generate_batch` (deployments/continuous: slot
+- continuous: the same rows through `ContinuousEngine.generate_batch` (engine/continuous: slot
   KV cache, per-step admission; `--cuda-graphs`/`--compile` as in the model YAML's `continuous:`).
 `--engines` picks which of the two run (both by default); the baseline always runs.
 Figures per path: TTFT (call -> the first generated token on the host: for the engine, the first
@@ -36,7 +36,7 @@ server): the baseline for the serving overhead of a sustained load rather than o
 GLM-4.6V's default image processor (448x448 -> 256 image tokens); `--tiny` shrinks it to
 hfbase.py's CPU size to try the path anywhere. `--weights gptq4` serves its decoder linears as a
 GPTQ-4 checkpoint (group size 128) is served: rounded to gptqmodel's 4-bit layout, then repacked for
-PyTorch's int4 matmul by the server's own code (deployments/int4_linear.py).
+PyTorch's int4 matmul by the server's own code (engine/quant/int4_linear.py).
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.glm46v_shape import glm46v_shape
-from deployments import engine as engine_module
-from deployments.continuous import ContinuousEngine
-from deployments.engine import DTYPES, Engine, PreparedRequest
+from engine.continuous import ContinuousEngine
+from engine.generate import engine as engine_module
+from engine.generate.engine import DTYPES, Engine, PreparedRequest
 from serve_app.settings import ContinuousEngineSettings, ModelSettings, resolve_path
 from serve_app.stage_types import (
     GenerationRequest,
@@ -107,11 +107,11 @@ def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = 
 def gptq4_weights(model: torch.nn.Module, activations: torch.dtype, group_size: int = 128) -> None:
     """The random model as a GPTQ-4 checkpoint (g128, symmetric) is served on this device: its decoder
     linears rounded to gptqmodel's 4-bit layout (gptq_memory.py: round-to-nearest, the same sizes as
-    GPTQ-solved values), then repacked by the server's own `repack_gptq` (deployments/int4_linear.py).
+    GPTQ-solved values), then repacked by the server's own `repack_gptq` (engine/quant/int4_linear.py).
     Checks, on this device, a repacked layer against the dequantized GPTQ weights, and its decode-step
     road (tinygemm) against its prompt road (dequantize + matmul)."""
     from benchmarks.gptq_memory import GPTQ4Linear, quantize_language_model
-    from deployments.int4_linear import Int4Linear, repack_gptq
+    from engine.quant.int4_linear import Int4Linear, repack_gptq
 
     probe = GPTQ4Linear.from_linear(model.model.language_model.layers[0].self_attn.q_proj, group_size)
     x = torch.randn(3, probe.in_features, device=probe.qweight.device, dtype=torch.float32)

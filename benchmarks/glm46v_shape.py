@@ -26,7 +26,7 @@ def glm46v_shape(tiny: bool = False):
     """(config, processor, generation_config) of the GLM-4.6V-Flash shape."""
     import transformers as t
 
-    from serve_app.demo_model import CHAT_TEMPLATE, EOS_TOKENS, build_tokenizer
+    from demo.model import CHAT_TEMPLATE, EOS_TOKENS, build_tokenizer
 
     tokenizer = build_tokenizer()
     ids = tokenizer.convert_tokens_to_ids

@@ -6,7 +6,7 @@
 One request (a held-out image and question, as served) generates exactly `--new-tokens` tokens
 (end-of-sequence suppressed) three times: with transformers' default cache, then with the
 quantized cache the server configures for `quantization: {kv_cache: int8}` (and `int4`), through
-`deployments.quantization.generation_kwargs`, so the figure is for what serving runs. The cache
+`engine.quant.gptq.generation_kwargs`, so the figure is for what serving runs. The cache
 object `generate()` returns is then measured: every tensor it holds (quantized values, scales,
 zeros and the full-precision residual of the most recent tokens), counted once. No estimate: the
 bytes are the tensors' own. Greedy tokens are compared too (answer quality is quality.py's table).
@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deployments.engine import DTYPES  # noqa: E402
-from deployments.quantization import generation_kwargs  # noqa: E402
+from engine.generate.engine import DTYPES  # noqa: E402
+from engine.quant.gptq import generation_kwargs  # noqa: E402
 from serve_app.settings import QuantizationSettings  # noqa: E402
 
 
@@ -79,8 +79,8 @@ def run(model, processor, inputs: dict, new_tokens: int, kv_cache: str) -> dict[
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from serve_app.train_demo import build_prompt
-    from serve_app.vqa_data import generate
+    from demo.prompt_format import build_prompt
+    from demo.vqa_data import generate
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "checkpoints" / "glm4v-demo-vqa"))

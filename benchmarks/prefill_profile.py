@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_bench import _sync, add_model_arguments, load_engine, make_requests  # noqa: E402
-from deployments.continuous import ContinuousEngine  # noqa: E402
+from engine.continuous import ContinuousEngine  # noqa: E402
 from serve_app.settings import ContinuousEngineSettings  # noqa: E402
 
 

@@ -4,7 +4,7 @@
     python benchmarks/quality.py --float checkpoints/glm4v-demo-vqa \\
         --variant gptq8=checkpoints/glm4v-demo-gptq8 --variant gptq4=checkpoints/glm4v-demo-gptq4 --n 200
 
-Held-out set: the first `--n` samples of the synthetic VQA `test` split (serve_app/vqa_data.py),
+Held-out set: the first `--n` samples of the synthetic VQA `test` split (demo/vqa_data.py),
 which neither training nor GPTQ calibration (its own seed stream) draws from.
 
 Per variant, against the float model:
@@ -51,7 +51,7 @@ class Row:
 def load(path: str | Path, kv_cache: str = "none"):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from deployments.quantization import load_kwargs
+    from engine.quant.gptq import load_kwargs
 
     model = AutoModelForImageTextToText.from_pretrained(
         str(path), dtype=torch.float32, **load_kwargs(path, torch.device("cpu"))
@@ -60,14 +60,14 @@ def load(path: str | Path, kv_cache: str = "none"):
 
 
 def held_out(n: int):
-    from serve_app.vqa_data import generate
+    from demo.vqa_data import generate
 
     return generate("test", n)
 
 
 def prompt(processor: Any, question: str) -> str:
     try:
-        from serve_app.train_demo import build_prompt
+        from demo.prompt_format import build_prompt
 
         return build_prompt(processor, question)
     except ImportError:
@@ -110,7 +110,7 @@ def greedy(model, processor, samples, max_new_tokens: int, generation: dict, bat
 
 
 def compare(name, model, processor, samples, reference, max_new_tokens, generation=None) -> Row:
-    from serve_app.vqa_data import is_correct
+    from demo.vqa_data import is_correct
 
     started = time.monotonic()
     logits = teacher_forced_logits(model, processor, samples)
@@ -133,7 +133,7 @@ def compare(name, model, processor, samples, reference, max_new_tokens, generati
 
 def make_variant(source: Path, bits: int, out: Path, calibration: int) -> Path:
     backend = {8: "torch_int8", 4: "torch_fused"}[bits]
-    command = [sys.executable, "-m", "serve_app.quantize", "--model", str(source), "--bits", str(bits),
+    command = [sys.executable, "-m", "serve_app.cli.quantize", "--model", str(source), "--bits", str(bits),
                "--group-size", "32", "--calibration", str(calibration), "--backend", backend, "--out", str(out)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     return out
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     elif (TRAINED / "config.json").exists():
         source = TRAINED
     else:
-        from serve_app.demo_model import make_demo_model
+        from demo.model import make_demo_model
 
         source = Path(make_demo_model(work / "glm4v-demo"))
     variants = dict(v.split("=", 1) for v in args.variant)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                  greedy(model, processor, samples, args.max_new_tokens, {})[0])  # fmt: skip
     rows = [compare("float32 (reference)", model, processor, samples, reference, args.max_new_tokens)]
     if not args.no_kv:
-        from deployments.quantization import QuantizationSettings, generation_kwargs
+        from engine.quant.gptq import QuantizationSettings, generation_kwargs
 
         kv = generation_kwargs(QuantizationSettings(kv_cache="int8", kv_cache_residual_length=0))
         rows.append(compare("float32 + kv-int8", model, processor, samples, reference, args.max_new_tokens, kv))

@@ -5,7 +5,7 @@
 For each number of images B (`--image-size` each, as engine_bench.py makes them), the median of
 `--repeats` runs of `get_image_features`, each ended by a device synchronisation, for:
 - sdpa: transformers' vision attention as loaded (SDPA image by image): the baseline;
-- varlen: `deployments/continuous/vision.py`'s attention (one FlashAttention call per block);
+- varlen: `engine/models/glm4v/vision.py`'s attention (one FlashAttention call per block);
 - varlen+compile: the same with each block compiled (`compile_blocks`).
 Exactness: each variant's features are compared with a float32 copy of the vision tower (HF's
 attention): the relative error max|x - ref| / max|ref|, against the same error of the bf16 baseline
@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_bench import _sync, add_model_arguments, load_engine, make_requests  # noqa: E402
-from deployments.continuous import vision  # noqa: E402
-from deployments.continuous.engine import compiled_graphs  # noqa: E402
+from engine.continuous.engine import compiled_graphs  # noqa: E402
+from engine.models.glm4v import vision  # noqa: E402
 
 
 @torch.inference_mode()

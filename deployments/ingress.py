@@ -19,21 +19,20 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.vlm import ModelInfo
-from serve_app.auth import Authenticator, Principal, load_keys
-from serve_app.body_limit import BodySizeLimit
-from serve_app.conversation import estimate_tokens, sampling_params, split_request
+from deployments.metrics import CountRequests, IngressMetrics
 from serve_app.errors import (
     APIError,
     ErrorResponse,
     ModelNotFoundError,
     RateLimitError,
     ServiceUnavailableError,
-    install_handlers,
     unwrap,
 )
-from serve_app.metrics import CountRequests, IngressMetrics
-from serve_app.protocol import (
+from serve_app.openai.auth import Authenticator, Principal, load_keys
+from serve_app.openai.body_limit import BodySizeLimit
+from serve_app.openai.conversation import estimate_tokens, sampling_params, split_request
+from serve_app.openai.errors_http import install_handlers
+from serve_app.openai.protocol import (
     ChatCompletion,
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -43,11 +42,11 @@ from serve_app.protocol import (
     ModelList,
     completion_id,
 )
-from serve_app.ratelimit_headers import RATE_LIMIT_HEADERS, ratelimit_headers
+from serve_app.openai.ratelimit_headers import RATE_LIMIT_HEADERS, ratelimit_headers
+from serve_app.openai.sse import chat_completion_events
 from serve_app.settings import IngressSettings, ModelSettings
-from serve_app.sse import chat_completion_events
-from serve_app.stage_types import GenerationChunk, GenerationRequest, RateDecision
-from serve_app.web import router as web_router
+from serve_app.stage_types import GenerationChunk, GenerationRequest, ModelInfo, RateDecision
+from serve_app.web.router import router as web_router
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,7 +81,7 @@ class _Budget:
         await self._limiter.settle.remote(self._principal.name, reservation, tokens_used)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment
 @serve.ingress(api)
 class Ingress:
     def __init__(

@@ -19,12 +19,12 @@ from PIL import Image
 from ray import serve
 from transformers import AutoImageProcessor
 
-from deployments.engine import DTYPES
-from deployments.image_decode import decode_image
-from deployments.image_fetch import load_image_bytes, make_client
-from serve_app.checkpoints import ensure_checkpoint
+from deployments.metrics import PreprocessMetrics
+from engine.checkpoints import checkpoint_source
+from engine.generate.engine import DTYPES
+from engine.images.decode import decode_image
+from engine.images.fetch import load_image_bytes, make_client
 from serve_app.errors import ImageError, InvalidRequestError
-from serve_app.metrics import PreprocessMetrics
 from serve_app.settings import ImageSettings, ModelSettings
 from serve_app.stage_types import ImageInput, PreprocessedImage
 
@@ -67,15 +67,11 @@ class Resolutions:
         return {"shortest_edge": budget.min_pixels * self._factor, "longest_edge": budget.max_pixels * self._factor}
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4},
-    max_ongoing_requests=16,
-)
+@serve.deployment
 class ImagePreprocessor:
     def __init__(self, image_settings: ImageSettings, model_settings: ModelSettings) -> None:
         self._settings = image_settings
-        self._processor = AutoImageProcessor.from_pretrained(ensure_checkpoint(model_settings))
+        self._processor = AutoImageProcessor.from_pretrained(checkpoint_source(model_settings))
         self._merge = getattr(self._processor, "merge_size", 1) ** 2
         self._resolutions = Resolutions(self._processor, image_settings)
         # Pixels leave in the model's dtype where the YAML names one: the model casts them to it first

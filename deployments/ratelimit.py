@@ -60,7 +60,7 @@ class _Window:
                 return
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment
 class RateLimiter:
     def __init__(self) -> None:
         self._requests: dict[str, _Window] = {}

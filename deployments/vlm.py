@@ -3,13 +3,13 @@
 Concurrent `generate` calls are gathered by `@serve.batch`; every request gets its own stream back
 through `handle.options(stream=True)`, fed step by step. What a gathered batch becomes depends on
 the engine (`ModelSettings.engine`):
-- the continuous engine (deployments/continuous): the batch is handed to the engine's running loop,
+- the continuous engine (engine/continuous): the batch is handed to the engine's running loop,
   where its requests join the sequences already decoding at the next step, and `@serve.batch`
   returns at once, free to gather the next arrivals;
 - the generate() engine: the batch runs through one `generate()` call on a one-thread executor, and
   the next batch is gathered while it runs.
 With `engine_process: true` in the model's YAML the engine runs in a child process
-(deployments/engine_process.py) and this replica only prepares requests and streams their chunks.
+(engine/process/engine_process.py) and this replica only prepares requests and streams their chunks.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from dataclasses import dataclass, field, replace
 from ray import serve
 
 from deployments.admission import AdmissionBudget, Cost
-from deployments.continuous import load_engine
-from deployments.engine import PreparedRequest
-from deployments.engine_process import EngineProcess
-from serve_app.metrics import VLMMetrics
+from deployments.metrics import VLMMetrics
+from engine.continuous import load_engine
+from engine.generate.engine import PreparedRequest
+from engine.process.engine_process import EngineProcess
 from serve_app.settings import BatchSettings, ModelSettings
-from serve_app.stage_types import GenerationChunk, GenerationRequest, PreprocessedImage
+from serve_app.stage_types import GenerationChunk, GenerationRequest, ModelInfo, PreprocessedImage
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,22 +63,7 @@ class _Stream:
             self.ended.set()
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    id: str
-    aliases: list[str]
-    quantization: str
-    max_model_len: int
-    device: str
-    token_budget: int | None  # what the replica admits in flight; None: unbounded
-    max_images_in_flight: int | None
-
-
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,  # at least max_batch_size, or batches never fill
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-)
+@serve.deployment
 class VLMServer:
     def __init__(self, model_settings: ModelSettings, batching: BatchSettings | None = None) -> None:
         # The engine's loop in a process of its own, or in a thread of this one (ModelSettings.engine_process).

@@ -85,7 +85,7 @@ class QuantizationSettings(_Settings):
 
     gptq_backend: GptqBackend = Field(
         "auto", description="Kernel for GPTQ checkpoints: 'tinygemm' (PyTorch's int4 matmul, 4 bits; "
-        "deployments/int4_linear.py) or one of gptqmodel's; 'auto' picks per device and bit width."
+        "engine/quant/int4_linear.py) or one of gptqmodel's; 'auto' picks per device and bit width."
     )
     kv_cache: Literal["none", "int8", "int4"] = Field(
         "none", description="Quantize the KV cache (transformers' QuantizedCache, HQQ backend; pip install hqq)."
@@ -100,7 +100,7 @@ EngineKind = Literal["auto", "generate", "continuous"]
 
 
 class ContinuousEngineSettings(_Settings):
-    """The continuous-batching engine (deployments/continuous): slots, buckets, CUDA graphs."""
+    """The continuous-batching engine (engine/continuous): slots, buckets, CUDA graphs."""
 
     max_slots: int = Field(
         32, ge=1, le=1024,
@@ -160,9 +160,6 @@ class ModelSettings(_Settings):
     id: str = Field(description="The name clients pass as `model` and `/v1/models` lists.")
     aliases: list[str] = Field(default_factory=list, description="Other accepted names.")
     path: str = Field(description="Local checkpoint directory or a hub id.")
-    make_demo_if_missing: bool = Field(
-        False, description="Build the embedded demo checkpoint at `path` when it does not exist."
-    )
     load_format: Literal["auto", "dummy"] = Field(
         "auto",
         description="'dummy': the checkpoint's config, processor and tokenizer with random weights (as vLLM's "
@@ -196,7 +193,7 @@ class ModelSettings(_Settings):
     def checkpoint_dir(self) -> Path | None:
         """The local directory of the checkpoint, or None when `path` is a hub id."""
         local = resolve_path(self.path)
-        if local.exists() or self.make_demo_if_missing:
+        if local.exists():
             return local
         return None
 

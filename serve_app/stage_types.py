@@ -9,9 +9,10 @@ from __future__ import annotations
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is the model side's: the ingress imports these types without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class PreprocessedImage:
     tokens: int  # image tokens it becomes in the prompt (the grid after merging)
 
     def __reduce__(self):
+        import torch
+
         # The pixels travel as a numpy array: Ray hands those through its object store without copying
         # them (pickle protocol 5 buffers), where it pickles a torch tensor through torch.save and
         # reads it back through torch.load (~2 ms of the model replica's GIL per 448x448 image on the
@@ -47,6 +50,8 @@ class PreprocessedImage:
 
 def _rebuild_image(pixels, dtype: torch.dtype, grid_thw: tuple[int, int, int], width: int, height: int,
                    tokens: int) -> PreprocessedImage:
+    import torch
+
     with warnings.catch_warnings():  # Ray's zero-copy arrays are read-only; nothing writes pixels in place
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(pixels)
@@ -129,3 +134,16 @@ class RateDecision:
     retry_after_s: float
     requests: LimitState | None
     tokens: LimitState | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the model stage tells the ingress about the model it serves."""
+
+    id: str
+    aliases: list[str]
+    quantization: str
+    max_model_len: int
+    device: str
+    token_budget: int | None  # what the replica admits in flight; None: unbounded
+    max_images_in_flight: int | None

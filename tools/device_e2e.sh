@@ -16,7 +16,7 @@ set -o pipefail
 source tools/device_env.sh || exit 1
 levels=${1:-1,8,32}
 # Fail in a second, not after the ready timeout, when the application cannot even be imported.
-python3 -c "import serve_app.app, serve_app.bench, openai" || exit 1
+python3 -c "import deployments.app, serve_app.cli.bench, openai" || exit 1
 if [ -n "${PREFILL_PROFILE:-}" ]; then  # where prefill's time goes (benchmarks/prefill_profile.py)
   python3 benchmarks/prefill_profile.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
     --profile-batch "${levels##*,}" --json "$OUT/prefill.json" || exit 1
@@ -54,7 +54,7 @@ if [ -n "${TOP:-}" ]; then  # which processes hold the CPUs while the benches ru
 fi
 # bench CONCURRENCY REQUESTS WARMUP OUTPUT_TOKENS [more vlm-serve bench options]
 bench() {
-  python3 -m serve_app.cli bench --concurrency "$1" --num-requests "$2" --warmup "$3" --output-tokens "$4" \
+  python3 -m serve_app.cli.main bench --concurrency "$1" --num-requests "$2" --warmup "$3" --output-tokens "$4" \
     --image-size 448x448 --no-progress "${@:5}"
 }
 # STREAM_INTERVALS="0 0.05": the levels again for each value of the VLMServer's stream_interval_s,

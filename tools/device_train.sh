@@ -18,7 +18,7 @@ pids=()
 for spec in "$@"; do
   name=${spec%%:*}; sets=${spec#*:}
   extra=""; [ -n "$INIT" ] && extra="--init-from $INIT"
-  timeout $((BUDGET + 110)) python3 -m serve_app.train_demo --out logs/$name --export logs/export-$name --eval ${EVAL_N:-500} $extra \
+  timeout $((BUDGET + 110)) python3 -m demo.train --out logs/$name --export logs/export-$name --eval ${EVAL_N:-500} $extra \
      --set time_budget_s=$BUDGET num_workers=4 eval_every=500 eval_samples=250 $sets 2>&1 | grep -v "^step [0-9]*/" > $OUT/$name.log &
   pids+=($!)
 done

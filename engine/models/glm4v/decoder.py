@@ -1,0 +1,332 @@
+"""GLM-4V's language model as the continuous engine runs it, on the HF model's own modules.
+
+Both passes re-state `Glm4vTextModel.forward` on the same modules (so the same weights, quantized
+linears included):
+  x = embed(tokens); per layer: x += post_self_attn_norm(attn(input_norm(x))),
+                                x += post_mlp_norm(mlp(post_attention_norm(x)));
+  logits = lm_head(norm(x)).
+What differs from HF's forward is only where attention finds its keys and values: in the slot
+cache, written in place, never in a `DynamicCache` copied afterwards.
+
+Prefill: the HF vision encoder (once per image) and HF's own image-token merge and multimodal
+rotary positions, then the layers over the new prompts laid out *right*-padded, so that row j's
+token t has cache position t in its slot: every layer writes its keys/values for all rows with one
+scatter, and attention is plain causal attention over the new tokens (a real token at t sees only
+positions <= t, all real; a pad token sees real tokens and earlier pads, so it stays finite and is
+never read: decoding overwrites position `length` before it becomes visible).
+
+Decode: one new token per slot, written at `length`; attention reads the first L positions of
+every slot with a length mask. Rotary positions need no per-token work: after the prompt, GLM-4V's
+three mrope components are all `length + rope_delta` (see `Glm4vModel.get_rope_index`), so one
+scalar per slot is enough. The step has no data-dependent shapes and no host reads, so it can be
+compiled and captured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
+
+from engine.continuous.sampling import RowParams, sample
+from engine.continuous.slots import SlotKVCache, SlotState
+from engine.models.glm4v import vision
+from engine.quant import int4_linear
+
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")
+
+
+def unsupported_reason(model, kv_cache_quantization: str = "none") -> str | None:
+    """Why the continuous engine cannot run `model` (None: it can)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if kv_cache_quantization != "none":
+        return "a quantized KV cache is only available with generate()"
+    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    if type(language_model).__name__ != "Glm4vTextModel":
+        return f"its language model is {type(language_model).__name__}, not Glm4vTextModel"
+    rope = getattr(language_model.rotary_emb, "rope_type", None)
+    if rope != "default":
+        return f"rope_type {rope!r} (only 'default' is implemented in the decode step)"
+    attention = language_model.layers[0].self_attn
+    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "its attention has no q/k/v/o projections"
+    return None
+
+
+# Not cuDNN's attention, which PyTorch picks first for prompts on an H100: it builds a plan for each new
+# (rows, width) shape, ~45 ms the first time for the 40 layers of the GLM-4.6V shape, and served prompt
+# passes rarely repeat a shape (benchmarks/RESULTS.md, run G). FlashAttention has no per-shape setup.
+PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (on the CPU) on `device`, without waiting for the device: CUDA makes a copy from
+    pageable memory wait for every kernel queued before it, so each `.to(device)` in a prefill pass
+    held the host until the device had caught up; one from pinned memory does not."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class Prefill:
+    """What one prefill pass gives the engine, row by row (rows in the order given); the prompts'
+    keys and values are already in their slots."""
+
+    logits: torch.Tensor  # [rows, vocab] at each prompt's last position
+    rope_deltas: list[int]
+
+
+class Glm4vDecoder:
+    """Prefill through the HF model; the decode step over the slot cache on its modules."""
+
+    def __init__(self, model, cache: SlotKVCache, state: SlotState, eos_ids: set[int], device: torch.device) -> None:
+        self.model = model
+        self.language_model = language_model = model.model.language_model
+        self.embed = language_model.embed_tokens
+        self.layers = language_model.layers
+        self.norm = language_model.norm
+        self.lm_head = model.lm_head
+        rotary = language_model.rotary_emb
+        self.inv_freq = rotary.inv_freq.to(device=device, dtype=torch.float32)
+        self.rope_scale = float(rotary.attention_scaling)
+        attention = self.layers[0].self_attn
+        self.heads, self.kv_heads = attention.num_heads, attention.num_key_value_heads
+        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.qkv_sizes = [self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2]
+        self._fuse_projections()
+        self.cache, self.state = cache, state
+        vocab = self.lm_head.out_features
+        self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.eos_mask[[i for i in sorted(eos_ids) if i < vocab]] = True
+        self.row_ids = torch.arange(cache.slots, device=device)
+        # As long as the cache's positions, one more than any span (see SlotKVCache).
+        self.span_ids = torch.arange(cache.keys[0].shape[2], device=device)
+        for ids in (self.row_ids, self.span_ids):  # static sizes, as the cache's (see SlotKVCache)
+            torch._dynamo.mark_static(ids)
+        # compile_forward swaps in the compiled ones
+        self._layer, self._prompt_layer = self.layer, self.prompt_layer
+        self.varlen_vision = vision.use_varlen_attention(model, device)
+
+    def _fuse_projections(self) -> None:
+        """Each layer's q, k and v projections as one module (`qkv_proj`), where they are 4-bit
+        (int4_linear.fuse); float ones stay three, keeping float32 results equal to generate()'s."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):  # an earlier engine over the same model fused them
+                continue
+            fused = int4_linear.fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            if fused is not None:
+                attn.qkv_proj = fused
+
+    # ---- prefill ---------------------------------------------------------------------------
+
+    def prefill(self, inputs: dict[str, torch.Tensor], first_slot: int, device: torch.device) -> Prefill:
+        """Run left-padded prompts (engine._collate's layout, on the CPU) into slots first_slot,
+        first_slot + 1, ...: their keys and values land in the cache, their last logits come back."""
+        position_ids, deltas = self.rope_positions(inputs)
+        lengths = inputs["attention_mask"].sum(-1)
+        rows, width = inputs["input_ids"].shape
+        # Left- to right-padded: row j's token t moves from column pad_j + t to column t.
+        pads = width - lengths
+        columns = (torch.arange(width)[None, :] + pads[:, None]) % width
+        host_ids = inputs["input_ids"].gather(1, columns)
+        input_ids = upload(host_ids, device)
+        position_ids = upload(position_ids.gather(2, columns[None].expand(3, -1, -1)), device)
+        hidden = self.embed(input_ids)
+        if "pixel_values" in inputs:
+            hidden = self.merge_images(host_ids, input_ids, hidden, upload(inputs["pixel_values"], device),
+                                       inputs["image_grid_thw"])
+        cos, sin = self.language_model.rotary_emb(hidden, position_ids)
+        slots = self.row_ids[first_slot:first_slot + rows]
+        positions = self.span_ids[:width]
+        for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
+            hidden = self._prompt_layer(layer, cache_k, cache_v, hidden, cos, sin, slots, positions)
+        last = hidden[torch.arange(rows, device=device), upload(lengths - 1, device)]
+        return Prefill(self.lm_head(self.norm(last)), deltas)
+
+    def merge_images(self, host_ids: torch.Tensor, input_ids: torch.Tensor, embeds: torch.Tensor,
+                     pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The image features in place of the image tokens, as `Glm4vModel.forward` puts them.
+
+        The tokens are counted against the features on the host (`host_ids`, `grid_thw` on the CPU):
+        HF's `get_placeholder_mask` compares them on the device, which waits for the vision encoder."""
+        image_token = self.model.config.image_token_id
+        merge = self.model.model.visual.spatial_merge_size ** 2
+        tokens, expected = int((host_ids == image_token).sum()), int(grid_thw.prod(-1).sum()) // merge
+        if tokens != expected:
+            raise ValueError(f"Image features and image tokens do not match, tokens: {tokens}, features: {expected}")
+        features = self.encode_images(pixel_values, upload(grid_thw, pixel_values.device)).to(embeds.dtype)
+        image_mask = (input_ids == image_token)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(image_mask, features)
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The vision encoder's features of every image, concatenated [image tokens, hidden]."""
+        features = self.model.model.get_image_features(pixel_values.to(self.model.dtype), grid_thw).pooler_output
+        return torch.cat(features, dim=0)
+
+    def warm_vision(self, device: torch.device) -> None:
+        """Encode `vision.warm_up_images`: compiles the vision blocks (when compiled) and makes the
+        first kernel choices before any request."""
+        self.encode_images(*vision.warm_up_images(self.model, device))
+
+    def rope_positions(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """GLM-4V's 3D positions for the prompts, and each row's delta for the tokens after them.
+
+        Computed here (on the CPU tensors) rather than left to the model, which would keep the
+        deltas in `model.model.rope_deltas`, state shared with any generate() call.
+        """
+        mask = inputs["attention_mask"]
+        if "image_grid_thw" in inputs:
+            positions, deltas = self.model.model.get_rope_index(
+                inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs["image_grid_thw"], attention_mask=mask,
+            )
+            return positions, [int(d) for d in deltas.view(-1)]
+        # Text only: plain positions over the unpadded tokens, as generate() numbers them.
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return text[None].expand(3, -1, -1), [0] * mask.shape[0]
+
+    # ---- decode ----------------------------------------------------------------------------
+
+    def step(self, active: torch.Tensor, span: torch.Tensor, any_sampled: bool) -> None:
+        """One token for slots 0..B-1 (B = len(active)) attending over cache positions 0..L-1
+        (L = len(span)); updates the slot state in place and leaves the tokens in `next_token`.
+
+        Inactive rows compute too (their slots are free or finished) but change nothing that a
+        live sequence reads: their tokens, lengths and counters stay as they were.
+        """
+        rows, state = active.shape[0], self.state
+        tokens = state.last_token[:rows]
+        logits = self.forward(rows, span)
+        generated = state.generated[:rows]
+        params = RowParams(
+            temperature=state.temperature[:rows], top_p=state.top_p[:rows], seed=state.seed[:rows],
+            counter=generated, suppress_eos=state.ignore_eos[:rows] | (generated < state.min_tokens[:rows]),
+        )
+        chosen = sample(logits, params, self.eos_mask, any_sampled)
+        state.next_token[:rows].copy_(chosen)
+        state.last_token[:rows].copy_(torch.where(active, chosen, tokens))
+        state.length[:rows].add_(active.long())
+        state.generated[:rows].add_(active.long())
+
+    def forward(self, rows: int, span: torch.Tensor) -> torch.Tensor:
+        """The language model over slots 0..rows-1: the next-token logits [rows, vocab], each new
+        token's key/value written into its slot. Its layers are what `torch.compile` gets
+        (`compile_forward`): sampling stays eager, since inductor fails on its sort/scatter over the
+        vocabulary (torch 2.11), and inside a CUDA graph its few kernels cost nothing to launch anyway."""
+        state = self.state
+        tokens, length = state.last_token[:rows], state.length[:rows]
+        hidden = self.embed(tokens)[:, None, :]
+        cos, sin = self.rotary(length + state.rope_delta[:rows], hidden.dtype)
+        # Rows with a cache longer than the span are never live (the engine picks L above every live
+        # length); clamping keeps their writes inside their own slot.
+        write_at = length.clamp(max=span.shape[0] - 1)
+        slots = self.row_ids[:rows]
+        visible = (span[None, :] <= length[:, None])[:, None, None, :]
+        for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
+            hidden = self._layer(layer, cache_k, cache_v, hidden, cos, sin, slots, write_at, visible)
+        return self.lm_head(self.norm(hidden))[:, 0]
+
+    def compile_forward(self, mode: str) -> None:
+        """Have `forward` and `prefill` run torch.compile'd decoder layers, and the vision encoder
+        compiled blocks where it runs varlen attention (`vision.py`). The layer, not the whole
+        forward: the 40 layers are one module class, and dynamo compiles the function once for all of
+        them, its weights and cache tensors being arguments, where the whole 40-layer forward took
+        minutes to compile on the GLM-4.6V shape. Dynamic shapes from the start: one compilation
+        covers every batch size, span and prompt width, plus one for batch 1 (PyTorch specialises
+        sizes of 1)."""
+        self._layer = torch.compile(self.layer, mode=mode, fullgraph=False, dynamic=True)
+        self._prompt_layer = torch.compile(self.prompt_layer, mode=mode, fullgraph=False, dynamic=True)
+        if self.varlen_vision:  # HF's per-image attention would recompile for each new number of images
+            vision.compile_blocks(self.model, mode)
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [rows, 1, rotary_dim] for one position per row.
+
+        `Glm4vTextRotaryEmbedding` takes three position components and interleaves their
+        frequency sections; with all three equal that is the plain frequency vector, so this is
+        the same arithmetic (float32 product, cos/sin, repeat_interleave, cast) on one component.
+        """
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        cos = (freqs.cos() * self.rope_scale).repeat_interleave(2, dim=-1)
+        sin = (freqs.sin() * self.rope_scale).repeat_interleave(2, dim=-1)
+        return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
+
+    def layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor, slots: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Glm4vTextDecoderLayer.forward for one token per row, attention over the slot cache (the
+        layer's own keys and values)."""
+        attended = self.attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
+                                  slots, write_at, visible)
+        return self.feed_forward(layer, hidden, attended)
+
+    def prompt_layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Glm4vTextDecoderLayer.forward for right-padded prompts [rows, width, hidden] going into
+        `slots` at cache `positions` (0..width-1)."""
+        attended = self.prompt_attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
+                                         slots, positions)
+        return self.feed_forward(layer, hidden, attended)
+
+    @staticmethod
+    def feed_forward(layer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the decoder layer after attention: both residual adds, the MLP, GLM's extra norms."""
+        hidden = residual + layer.post_self_attn_layernorm(attended)
+        return hidden + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(hidden)))
+
+    def project(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries [rows, T, heads, head_dim], keys and values [rows, T, kv_heads, head_dim], rotated.
+
+        Rows, tokens, heads: the projections' own layout, kept through the rotary and the cache
+        write (transposing to heads-first before them cost a strided copy per tensor per layer);
+        attention kernels take the heads-first views with these strides as they are."""
+        rows, tokens = x.shape[:2]
+        if hasattr(attn, "qkv_proj"):
+            q, k, v = attn.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(rows, tokens, self.heads, self.head_dim)
+        k = k.view(rows, tokens, self.kv_heads, self.head_dim)
+        v = v.view(rows, tokens, self.kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        return q, k, v
+
+    def attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, slots: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        rows, span = x.shape[0], visible.shape[-1]
+        q, k, v = self.project(attn, x, cos, sin)
+        cache_k[slots, :, write_at] = k[:, 0]
+        cache_v[slots, :, write_at] = v[:, 0]
+        # Grouped-query attention without repeating the cache: the query heads that share a
+        # key/value head become that head's "query positions" (query head h reads kv head
+        # h // groups, as transformers' repeat_kv arranges them).
+        groups = self.heads // self.kv_heads
+        out = F.scaled_dot_product_attention(
+            q.reshape(rows, self.kv_heads, groups, self.head_dim),
+            cache_k[:rows, :, :span], cache_v[:rows, :, :span],
+            attn_mask=visible, scale=self.scaling,
+        )
+        return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
+
+    def prompt_attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows, width = x.shape[:2]
+        q, k, v = self.project(attn, x, cos, sin)
+        # One scatter per tensor for every row (indices [rows, 1] and [1, width] broadcast against
+        # the value's [rows, width] leading dimensions).
+        cache_k[slots[:, None], :, positions[None, :]] = k
+        cache_v[slots[:, None], :, positions[None, :]] = v
+        # enable_gqa: the kernels read each key/value head for its group of query heads, where
+        # repeating them first cost a copy as long as the attention itself.
+        with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling,
+                enable_gqa=True,
+            )
+        return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))

@@ -1,0 +1,80 @@
+"""Health and readiness: the model stage's own check and the ingress's 503 while it loads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+
+from demo.model import make_demo_model
+from deployments.ingress import Ingress
+from deployments.vlm import VLMServer
+from engine.generate.engine import Engine
+from serve_app.errors import ServiceUnavailableError
+from serve_app.settings import ModelSettings
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = make_demo_model(tmp_path_factory.mktemp("health") / "demo")
+    return Engine.load(ModelSettings(id="demo", path=str(path)))
+
+
+def replica(engine: Engine, stall_timeout_s: float = 2.0) -> VLMServer:
+    """A VLMServer around a loaded engine, without Ray: check_health only needs these parts."""
+    cls = VLMServer.func_or_class
+    server = cls.__new__(cls)
+    server._engine = engine
+    server._executor = ThreadPoolExecutor(max_workers=1)
+    server._stall_timeout_s = stall_timeout_s
+    return server
+
+
+def test_an_idle_model_that_runs_a_step_is_healthy(engine: Engine) -> None:
+    asyncio.run(replica(engine).check_health())
+
+
+def test_a_model_that_cannot_run_a_step_fails_the_check(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = torch_error()
+    monkeypatch.setattr(engine.model.model.language_model, "forward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        asyncio.run(replica(engine).check_health())
+
+
+def test_a_batch_that_stopped_stepping_fails_the_check(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "busy", True)
+    monkeypatch.setattr(engine, "last_step_at", time.monotonic() - 30)
+    with pytest.raises(RuntimeError, match="no step"):
+        asyncio.run(replica(engine, stall_timeout_s=5).check_health())
+    monkeypatch.setattr(engine, "last_step_at", time.monotonic())
+    asyncio.run(replica(engine, stall_timeout_s=5).check_health())  # busy and stepping: healthy
+
+
+def torch_error():
+    def forward(*args, **kwargs):
+        raise RuntimeError("CUDA error: device lost (simulated)")
+
+    return forward
+
+
+class _LoadingHandle:
+    """Stands in for the VLMServer handle while its replica is still loading: calls never return."""
+
+    class _Method:
+        def remote(self):
+            return asyncio.get_running_loop().create_future()
+
+    model_info = _Method()
+
+
+def test_ingress_answers_503_while_the_model_loads() -> None:
+    # Only the two attributes the method reads; a real Ingress needs a running Serve replica.
+    ingress = SimpleNamespace(_vlm=_LoadingHandle(), _model_info=None)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError) as info:
+        asyncio.run(Ingress.func_or_class._ensure_model_ready(ingress))
+    assert time.monotonic() - started < 10
+    assert info.value.status_code == 503 and "Retry-After" in info.value.headers()

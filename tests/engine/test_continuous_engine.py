@@ -1,0 +1,385 @@
+"""The continuous-batching engine on CPU: token for token what plain generate() gives, with requests
+joining and leaving mid-decode, stops, limits, cancellation, seeded sampling and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+import torch
+
+from demo.model import make_demo_model
+from engine.continuous import ContinuousEngine, choose_engine
+from engine.continuous.engine import compiled_graphs
+from engine.continuous.sampling import RowParams, sample
+from engine.generate import engine as engine_module
+from engine.generate.engine import Engine, PreparedRequest
+from serve_app.settings import ContinuousEngineSettings, ModelSettings, QuantizationSettings
+from tests.engine.test_engine import preprocessed, run, user_request
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = make_demo_model(tmp_path_factory.mktemp("continuous") / "ckpt")
+    return Engine.load(ModelSettings(id="demo", path=str(path), max_model_len=512, engine="generate"))
+
+
+def continuous(engine: Engine, **options) -> ContinuousEngine:
+    settings = engine.settings.model_copy(update={"continuous": ContinuousEngineSettings(**options)})
+    return ContinuousEngine(settings, engine.model, engine.processor, engine.device)
+
+
+@pytest.fixture(scope="module")
+def cengine(engine: Engine) -> Iterator[ContinuousEngine]:
+    made = continuous(engine, max_slots=4)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every detokenizer made from now on, in order: their `.tokens` are each row's token ids."""
+    made: list = []
+
+    class Recording(engine_module._Detokenizer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(engine_module, "_Detokenizer", Recording)
+    return made
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@torch.inference_mode()
+def plain_generate(engine: Engine, prepared: PreparedRequest) -> list[int]:
+    """Greedy `model.generate()` alone on one request, end-of-sequence tokens left out."""
+    inputs = engine._collate([prepared])
+    out = engine.model.generate(**inputs, max_new_tokens=prepared.max_tokens, do_sample=False,
+                                eos_token_id=sorted(engine.eos_token_ids), pad_token_id=engine.pad_token_id)
+    return [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in engine.eos_token_ids]
+
+
+def mixed_requests(engine: Engine, max_tokens: int = 12) -> list:
+    return [
+        user_request(engine, "What shape is this?", preprocessed(engine, (224, 224), (255, 0, 0)), max_tokens=max_tokens),
+        user_request(engine, "How many circles are there in the picture?", preprocessed(engine, (100, 300), (0, 255, 0)),
+                     max_tokens=max_tokens - 7),
+        user_request(engine, "Say hello.", None, max_tokens=max_tokens - 3),
+        user_request(engine, "Colour?", preprocessed(engine, (56, 56), (0, 0, 255)), max_tokens=max_tokens + 9),
+    ]
+
+
+def test_greedy_tokens_equal_plain_generate_alone_and_batched(engine, cengine, recorded) -> None:
+    requests = mixed_requests(engine)
+    alone = [plain_generate(engine, engine.prepare(r)) for r in requests]
+    for request, expected in zip(requests, alone):
+        run(cengine, [request])
+        assert [t for t in recorded[-1].tokens if t not in engine.eos_token_ids] == expected
+    recorded.clear()
+    run(cengine, requests)  # one batch: different image sizes and prompt lengths, prefilled together
+    assert [[t for t in d.tokens if t not in engine.eos_token_ids] for d in recorded] == alone
+
+
+def test_same_text_limits_and_finish_reasons_as_the_generate_engine(engine, cengine) -> None:
+    requests = [
+        *mixed_requests(engine, max_tokens=30),
+        user_request(engine, "Hi", None, max_tokens=25, ignore_eos=True),
+        user_request(engine, "Describe.", preprocessed(engine, (112, 112), (9, 9, 9)), max_tokens=40, min_tokens=30),
+        user_request(engine, "One.", None, max_tokens=1),
+    ]
+    expected = run(engine, requests)
+    assert run(cengine, requests) == expected
+    assert expected[4][1:] == ("length", 25) and expected[5][2] >= 30 and expected[6][2] == 1
+
+
+def test_stop_sequences_cut_the_text_as_the_generate_engine(engine, cengine) -> None:
+    request = user_request(engine, "Tell me about the picture.", preprocessed(engine, (112, 112), (200, 30, 30)),
+                           max_tokens=40, ignore_eos=True)
+    (full, _, _), = run(engine, [request])
+    stop = full.strip()[len(full.strip()) // 2:][:3]
+    assert stop, full
+    stopped = user_request(engine, "Tell me about the picture.", preprocessed(engine, (112, 112), (200, 30, 30)),
+                           max_tokens=40, ignore_eos=True, stop=(stop,))
+    (text, reason, _), = run(cengine, [stopped])
+    assert (text, reason) == run(engine, [stopped])[0][:2]
+    assert reason == "stop" and stop not in text and full.startswith(text)
+
+
+def test_more_requests_than_slots_wait_and_finishing_rows_free_their_slots(engine, recorded) -> None:
+    small = continuous(engine, max_slots=3, batch_buckets=[1, 2])
+    try:
+        requests = [user_request(engine, f"Question number {i}?", preprocessed(engine, (56 + 28 * i, 84), (i * 40, 0, 0))
+                                 if i % 2 else None, max_tokens=m, ignore_eos=True)
+                    for i, m in enumerate([3, 17, 5, 21, 8, 2, 13])]
+        alone = [plain_generate(engine, engine.prepare(r)) for r in requests]
+        recorded.clear()
+        results = run(small, requests)
+        assert [count for _, _, count in results] == [3, 17, 5, 21, 8, 2, 13]
+        assert [d.tokens for d in recorded] == [a for a in alone]  # ignore_eos: nothing left out either side
+        assert wait_until(lambda: small.live == 0 and not small.busy)  # the last extra step drains
+    finally:
+        small.close()
+
+
+def test_a_request_arriving_mid_decode_joins_within_two_steps(engine, cengine, monkeypatch) -> None:
+    long = engine.prepare(user_request(engine, "A long story.", None, max_tokens=200, ignore_eos=True))
+    late_request = user_request(engine, "Colour?", preprocessed(engine, (84, 84), (0, 90, 200)), max_tokens=6)
+    late = engine.prepare(late_request)
+    first_token_step: list[int] = []
+
+    class FirstToken(engine_module._Detokenizer):
+        def add(self, token: int):
+            if not first_token_step:
+                first_token_step.append(cengine.decode_steps)
+            return super().add(token)
+
+    arrival: list = []
+    late_texts: list[str] = []
+
+    def on_long(chunks) -> None:
+        # Submitted from the engine thread between steps, so the step it arrives at is exact.
+        if cengine.decode_steps >= 10 and not arrival:
+            monkeypatch.setattr(engine_module, "_Detokenizer", FirstToken)
+            arrival.append((cengine.decode_steps, cengine.submit([late], lambda c: late_texts.append(c[0].text))))
+
+    long_done = cengine.submit([long], on_long)
+    for _ in range(300):
+        if arrival:
+            break
+        time.sleep(0.1)
+    arrived_at, late_done = arrival[0]
+    late_done.result(timeout=30)
+    assert not long_done.done(), "the late request waited for the running one to finish"
+    # The step in flight when it arrived, then the one launched with it before its first token is read.
+    assert first_token_step[0] - arrived_at <= 2, (arrived_at, first_token_step)
+    long.cancelled = True
+    long_done.result(timeout=30)
+    assert "".join(late_texts) == run(engine, [late_request])[0][0]
+
+
+def test_cancelled_rows_leave_at_the_next_step_and_free_their_slot(engine, cengine) -> None:
+    doomed = engine.prepare(user_request(engine, "Go on forever.", None, max_tokens=400, ignore_eos=True))
+    chunks_seen: list = []
+
+    def on_step(chunks) -> None:
+        chunks_seen.append(chunks[0])
+        if len(chunks_seen) == 5:
+            doomed.cancelled = True
+
+    cengine.submit([doomed], on_step).result(timeout=30)
+    assert all(c.finish_reason is None for c in chunks_seen)  # no final chunk: nobody is listening
+    assert 5 <= chunks_seen[-1].completion_tokens <= 8
+    assert wait_until(lambda: cengine.live == 0)
+    waiting = engine.prepare(user_request(engine, "Never mind.", None, max_tokens=50))
+    waiting.cancelled = True  # gone before it was admitted: never prefilled
+    cengine.submit([waiting], lambda chunks: pytest.fail("a cancelled request produced text")).result(timeout=30)
+    assert run(cengine, [user_request(engine, "Hi", None, max_tokens=4)])[0][2] >= 1
+
+
+def test_seeded_sampling_is_repeatable_and_independent_of_batch(engine, cengine) -> None:
+    sampled = user_request(engine, "Tell me.", None, temperature=1.0, top_p=0.9, seed=42, max_tokens=10)
+    alone = run(cengine, [sampled])[0]
+    with_neighbours = run(cengine, [user_request(engine, "Other.", None, temperature=0.7, seed=1),
+                                    user_request(engine, "Greedy.", None), sampled])[2]
+    assert alone == with_neighbours == run(cengine, [sampled])[0]
+    other_seed = user_request(engine, "Tell me.", None, temperature=1.0, top_p=0.9, seed=43, max_tokens=10)
+    assert run(cengine, [other_seed])[0] != alone
+
+
+def test_sampling_follows_the_distribution_and_top_p() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -9.0]]).repeat(4000, 1)
+    rows = logits.shape[0]
+
+    def draw(temperature: float, top_p: float) -> torch.Tensor:
+        params = RowParams(temperature=torch.full((rows,), temperature), top_p=torch.full((rows,), top_p),
+                           seed=torch.arange(rows) * 7919, counter=torch.full((rows,), 3, dtype=torch.long),
+                           suppress_eos=torch.zeros(rows, dtype=torch.bool))
+        return sample(logits, params, torch.zeros(5, dtype=torch.bool), any_sampled=True)
+
+    frequencies = torch.bincount(draw(1.0, 1.0), minlength=5).float() / rows
+    assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.03), frequencies
+    # top_p 0.8: the smallest set reaching 0.8 is the first two tokens (0.64 + 0.24).
+    assert set(draw(1.0, 0.8).tolist()) == {0, 1}
+    greedy = RowParams(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                       torch.tensor([True]))
+    eos = torch.tensor([True, False, False, False, False])
+    assert sample(logits[:1], greedy, eos, any_sampled=False).item() == 1  # end-of-sequence suppressed
+
+
+def test_a_failed_prefill_fails_only_its_group(engine, cengine, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = cengine.decoder.prefill
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("prefill broke (simulated)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cengine.decoder, "prefill", broken_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(cengine, [user_request(engine, "Hi", None, max_tokens=4)])
+    assert run(cengine, [user_request(engine, "Hi", None, max_tokens=4)])[0][2] >= 1
+
+
+def test_image_tokens_that_do_not_match_the_pixels_fail_only_their_group(engine, cengine) -> None:
+    # Counted on the host before anything runs on the device (Glm4vDecoder.merge_images).
+    request = user_request(engine, "What shape is this?", preprocessed(engine, (224, 224), (255, 0, 0)), max_tokens=4)
+    good = cengine.prepare(request)
+    ids = list(good.input_ids)
+    first = ids.index(engine.model.config.image_token_id)
+    ids[first] = ids[first - 1]  # one image token fewer than the image's features
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        cengine.generate_batch([replace(good, input_ids=ids)], lambda chunks: None)
+    assert run(cengine, [request])[0][2] >= 1
+
+
+def test_a_failed_step_fails_every_request_in_flight_and_the_engine_goes_on(engine, cengine, monkeypatch) -> None:
+    original = cengine.runner.run
+    calls = []
+
+    def broken_once(key):
+        if not calls:
+            calls.append(key)
+            raise RuntimeError("CUDA error: device lost (simulated)")
+        return original(key)
+
+    monkeypatch.setattr(cengine.runner, "run", broken_once)
+    with pytest.raises(RuntimeError, match="device lost"):
+        run(cengine, [user_request(engine, "Hi", None, max_tokens=20, ignore_eos=True),
+                      user_request(engine, "Ho", None, max_tokens=20, ignore_eos=True)])
+    assert wait_until(lambda: cengine.live == 0)
+    assert run(cengine, [user_request(engine, "Hi", None, max_tokens=4, ignore_eos=True)])[0][1:] == ("length", 4)
+
+
+def test_probe_and_busy_for_the_health_check(engine, cengine, monkeypatch: pytest.MonkeyPatch) -> None:
+    cengine.probe()
+    assert wait_until(lambda: not cengine.busy)  # once the earlier tests' last steps have drained
+    request = engine.prepare(user_request(engine, "Long.", None, max_tokens=300, ignore_eos=True))
+    seen = threading.Event()
+    done = cengine.submit([request], lambda chunks: seen.set())
+    assert seen.wait(30) and cengine.busy and time.monotonic() - cengine.last_step_at < 5
+    request.cancelled = True
+    done.result(timeout=30)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: device lost (simulated)")
+
+    monkeypatch.setattr(engine.model.model.language_model, "forward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        cengine.probe()
+
+
+def test_the_replica_health_check_probes_through_the_engine_thread(engine, cengine, monkeypatch) -> None:
+    from tests.deployments.test_health import replica, torch_error
+
+    asyncio.run(replica(cengine).check_health())
+    monkeypatch.setattr(engine.model.model.language_model, "forward", torch_error())
+    with pytest.raises(RuntimeError, match="device lost"):
+        asyncio.run(replica(cengine).check_health())
+
+
+def test_auto_picks_the_continuous_engine_where_it_can(engine) -> None:
+    def with_settings(**update) -> Engine:
+        return Engine(engine.settings.model_copy(update=update), engine.model, engine.processor, engine.device)
+
+    chosen = choose_engine(with_settings(engine="auto"))
+    try:
+        assert isinstance(chosen, ContinuousEngine)
+    finally:
+        chosen.close()
+    assert type(choose_engine(with_settings(engine="generate"))) is Engine
+    quantized_kv = QuantizationSettings(kv_cache="int8")
+    assert type(choose_engine(with_settings(engine="auto", quantization=quantized_kv))) is Engine
+    with pytest.raises(ValueError, match="quantized KV cache"):
+        choose_engine(with_settings(engine="continuous", quantization=quantized_kv))
+
+
+def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(engine, cengine) -> None:
+    """`compile: true` as on the GPU (there it is then captured in CUDA graphs, which needs a step
+    without host synchronisation: a graph break would show where one hides). Slow on a CPU: one
+    batch size, both sampling variants, and a span change (256 -> 512 cache positions)."""
+    compiled = continuous(engine, max_slots=2, batch_buckets=[2], compile=True, compile_mode="default")
+    try:
+        decoder = compiled.decoder
+
+        def explain() -> int:  # all slots inactive: the traced run changes nothing
+            return torch._dynamo.explain(decoder.step)(compiled.state.active[:2], decoder.span_ids[:256], True).graph_break_count
+
+        assert compiled.call(explain) == 0
+        requests = [
+            user_request(engine, "Hi", None, max_tokens=260, ignore_eos=True),
+            user_request(engine, "Tell me.", preprocessed(engine, (56, 56), (5, 5, 5)), temperature=0.8, top_p=0.9,
+                         seed=3, max_tokens=20),
+        ]
+        assert run(compiled, requests) == run(cengine, requests)
+    finally:
+        compiled.close()
+
+
+def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_variant(engine) -> None:
+    """Compiling the whole 40-layer GLM-4.6V forward took minutes (benchmarks/RESULTS.md), so the
+    step must not recompile per (batch, span, sampled) key, nor per layer: one dynamic-shape
+    compilation of the decoder layer serves every layer, one more for batch 1 (PyTorch specialises
+    sizes of 1), and sampling, which runs eagerly, adds none. The same for the prefill's prompt
+    layer over every batch size and prompt width."""
+    assert len(engine.model.model.language_model.layers) >= 2  # else "not per layer" is not tested
+
+    compiled = continuous(engine, max_slots=8, batch_buckets=[1, 2, 4, 8], compile=True, compile_mode="default")
+    try:
+        before = compiled_graphs()
+
+        def every_key() -> None:  # all slots idle: the steps change nothing a request reads
+            for span in (256, 512):
+                for rows in (8, 4, 2, 1):
+                    for sampled in (False, True):
+                        compiled.runner.run((rows, span, sampled))
+
+        compiled.call(every_key)
+        assert compiled_graphs() - before == 2
+
+        def prompts(rows: int, width: int, first_slot: int) -> None:  # into free slots: nothing live reads them
+            ids = torch.full((rows, width), engine.pad_token_id, dtype=torch.long)
+            compiled.decoder.prefill({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, first_slot,
+                                     engine.device)
+
+        # The engine's warm-up compiles the prompt layer twice (any batch and width; batch 1), and on
+        # shapes that leave no alignment to assume: a first trace on batch 2 x 16 tokens made a graph
+        # that was compiled again for 4 x 285 (an 11 s stall mid-serving on the H100).
+        before = compiled_graphs()
+        compiled.call(compiled._warm_prefill)
+        assert compiled_graphs() - before == 2
+        for rows, width, first_slot in ((4, 285, 1), (1, 285, 0), (2, 32, 6), (8, 64, 0), (1, 20, 3), (5, 300, 2)):
+            compiled.call(lambda: prompts(rows, width, first_slot))
+        assert compiled_graphs() - before == 2
+    finally:
+        compiled.close()
+
+
+def test_a_request_cancelled_while_waiting_for_a_slot_is_dropped_at_once(engine) -> None:
+    one = continuous(engine, max_slots=1)
+    try:
+        running = engine.prepare(user_request(engine, "Long.", None, max_tokens=300, ignore_eos=True))
+        queued = engine.prepare(user_request(engine, "Queued.", None, max_tokens=5))
+        running_done = one.submit([running], lambda chunks: None)
+        queued_done = one.submit([queued], lambda chunks: pytest.fail("a cancelled request produced text"))
+        queued.cancelled = True
+        queued_done.result(timeout=30)
+        assert not running_done.done(), "the queued request was only dropped once the slot was free"
+        running.cancelled = True
+        running_done.result(timeout=30)
+    finally:
+        one.close()

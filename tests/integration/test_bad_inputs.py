@@ -1,0 +1,209 @@
+"""The bad-input matrix: each case against a real server, then proof that it still serves others.
+
+The server requires API keys, refuses loopback image URLs except from 127.0.0.2 (where the test's
+image server listens), and has short fetch timeouts and an 8 MB body cap.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.support.images import MODEL, ImageServer, data_url, png_bytes
+from tests.support.serving import ServeProcess, config_for_tests, free_port, start_server
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-matrix-main"
+TINY_KEY = "sk-matrix-tiny"  # one request per minute, to see 429
+
+
+def sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[ImageServer]:
+    srv = ImageServer(host="127.0.0.2")
+    srv.files["/ok.png"] = (png_bytes(), "image/png")
+    srv.slow["/slow.png"] = 6.0
+    srv.files["/slow.png"] = (png_bytes(), "image/png")
+    srv.redirects["/to-private"] = "http://10.0.0.7/secret.png"
+    srv.redirects["/to-loopback"] = "http://127.0.0.1:9/x.png"
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    config = config_for_tests(
+        free_port(),
+        overrides={
+            "images": {"allowed_hosts": ["127.0.0.2"], "connect_timeout_s": 2, "read_timeout_s": 2},
+            "ingress": {
+                # Digests, not keys: Ray logs an application's args, so clear keys would reach its logs.
+                "api_keys": [{"name": "main", "sha256": sha256(KEY)},
+                             {"name": "tiny", "sha256": sha256(TINY_KEY), "requests_per_minute": 1}],
+                "rate_limits": {"requests_per_minute": 100000},
+                "max_request_bytes": 8 * 1024 * 1024,
+            },
+        },
+    )
+    server = start_server(tmp_path_factory.mktemp("guarded"), config, ready_check_headers={"Authorization": f"Bearer {KEY}"})
+    yield server
+    server.stop()
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def with_image(url: str, **extra: Any) -> dict:
+    content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+
+def text(**extra: Any) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+
+
+@dataclass
+class Case:
+    name: str
+    body: dict | bytes | Callable[[ImageServer], dict]
+    status: int
+    error_type: str | None = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=lambda: {"Authorization": f"Bearer {KEY}"})
+
+
+IMAGE_PARAM = "messages[0].content[1]"
+CASES = [
+    Case("malformed JSON", b'{"model": "x", "messages": [', 400, code="invalid_json"),
+    Case("JSON array instead of an object", b"[1, 2, 3]", 400),
+    Case("messages is a string", text(messages="hello"), 400, param="messages"),
+    Case("empty messages", text(messages=[]), 400, param="messages"),
+    Case("missing model", {"messages": [{"role": "user", "content": "hi"}]}, 400, param="model"),
+    Case("unknown role", text(messages=[{"role": "wizard", "content": "hi"}]), 400, param="messages[0]"),
+    Case("unknown content part type",
+         text(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}]),
+         400, param="messages[0].content[0]"),
+    Case("image part in a system message",
+         text(messages=[{"role": "system", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]},
+                        {"role": "user", "content": "hi"}]),
+         400, param="messages[0].content[0].type"),
+    Case("content of the wrong type", text(messages=[{"role": "user", "content": 42}]), 400, param="messages[0].content"),
+    Case("invalid base64", with_image("data:image/png;base64,@@@not-base64@@@"), 400, param=IMAGE_PARAM, code="invalid_image"),
+    Case("non-image bytes", with_image(data_url(b"just some text, not a picture")), 400, param=IMAGE_PARAM, code="invalid_image"),
+    Case("truncated PNG", with_image(data_url(png_bytes((256, 256))[:120])), 400, param=IMAGE_PARAM, code="invalid_image"),
+    Case("decompression bomb", with_image(data_url(encode(Image.new("1", (20000, 20000)), "PNG"))), 400,
+         param=IMAGE_PARAM, code="image_too_large"),
+    Case("1xN image beyond the aspect limit", with_image(data_url(encode(Image.new("RGB", (1, 600)), "PNG"))), 400,
+         param=IMAGE_PARAM, code="invalid_image"),
+    Case("oversize data URL", with_image("data:image/png;base64," + base64.b64encode(b"\0" * (5 * 1024 * 1024 + 10)).decode()),
+         400, param=IMAGE_PARAM, code="image_too_large"),
+    Case("data URL without an image type", with_image("data:text/plain;base64,aGVsbG8="), 400, param=IMAGE_PARAM),
+    Case("ftp URL", with_image("ftp://example.com/cat.png"), 400, param=IMAGE_PARAM),
+    Case("URL to 127.0.0.1", with_image("http://127.0.0.1:9/cat.png"), 400, param=IMAGE_PARAM, code="image_url_forbidden"),
+    Case("URL to 10.x", with_image("http://10.1.2.3/cat.png"), 400, param=IMAGE_PARAM, code="image_url_forbidden"),
+    Case("URL to cloud metadata", with_image("http://169.254.169.254/latest/meta-data/"), 400, param=IMAGE_PARAM,
+         code="image_url_forbidden"),
+    Case("URL to [::1]", with_image("http://[::1]:9/cat.png"), 400, param=IMAGE_PARAM, code="image_url_forbidden"),
+    Case("URL to IPv4-mapped IPv6 loopback", with_image("http://[::ffff:127.0.0.1]:9/cat.png"), 400, param=IMAGE_PARAM,
+         code="image_url_forbidden"),
+    Case("host name resolving to loopback", with_image("http://localhost:9/cat.png"), 400, param=IMAGE_PARAM,
+         code="image_url_forbidden"),
+    Case("redirect to a private address", lambda s: with_image(s.url("/to-private")), 400, param=IMAGE_PARAM,
+         code="image_url_forbidden"),
+    Case("redirect to loopback", lambda s: with_image(s.url("/to-loopback")), 400, param=IMAGE_PARAM,
+         code="image_url_forbidden"),
+    Case("slow image server past the timeout", lambda s: with_image(s.url("/slow.png")), 400, param=IMAGE_PARAM,
+         code="image_fetch_timeout"),
+    Case("404 image URL", lambda s: with_image(s.url("/missing.png")), 400, param=IMAGE_PARAM, code="image_fetch_failed"),
+    Case("negative max_tokens", text(max_tokens=-5), 400, param="max_tokens"),
+    Case("huge max_tokens", text(max_tokens=10**9), 400, param="max_tokens"),
+    Case("temperature out of range", text(temperature=5), 400, param="temperature"),
+    Case("top_p out of range", text(top_p=1.5), 400, param="top_p"),
+    Case("n > 1", text(n=3), 400, param="n"),
+    Case("five stop sequences", text(stop=["a", "b", "c", "d", "e"]), 400, param="stop"),
+    Case("stream_options without stream", text(stream_options={"include_usage": True}), 400),
+    Case("too many images", with_image(data_url(png_bytes()),
+         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}}] * 9}]),
+         400, param="messages", code="too_many_images"),
+    Case("prompt over the context window", text(messages=[{"role": "user", "content": "word " * 5000}]), 400,
+         param="messages", code="context_length_exceeded"),
+    Case("unknown model", text(model="gpt-4-vision-preview"), 404, param="model", code="model_not_found"),
+    Case("missing key", text(), 401, code="invalid_api_key", headers={}),
+    Case("wrong key", text(), 401, code="invalid_api_key", headers={"Authorization": "Bearer sk-wrong"}),
+    Case("body over the size cap", b"{" + b" " * (9 * 1024 * 1024) + b"}", 413, code="request_too_large"),
+    Case("animated GIF takes its first frame", with_image(data_url(animated_gif(), "image/gif")), 200, error_type=None),
+]
+
+
+def post(server: ServeProcess, body: bytes | dict, headers: dict[str, str]) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server.base_url}/v1/chat/completions", content=content,
+                      headers={"Content-Type": "application/json", **headers}, timeout=60)
+
+
+def test_the_matrix_has_at_least_30_cases() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(
+    case: Case, guarded: ServeProcess, images: ImageServer
+) -> None:
+    body = case.body(images) if callable(case.body) else case.body
+    response = post(guarded, body, case.headers)
+    assert response.status_code == case.status, response.text[:500]
+    if case.status != 200:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["message"]
+        assert error["type"] == case.error_type
+        assert error["param"] == case.param
+        if case.code:
+            assert error["code"] == case.code
+    follow_up = post(guarded, with_image(images.url("/ok.png")), {"Authorization": f"Bearer {KEY}"})
+    assert follow_up.status_code == 200, follow_up.text[:500]
+    assert follow_up.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_rate_limit_exceeded_gets_429_with_retry_after(guarded: ServeProcess) -> None:
+    headers = {"Authorization": f"Bearer {TINY_KEY}"}
+    first = post(guarded, text(), headers)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    refused = post(guarded, text(), headers)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.json()["error"]["type"] == "requests"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert post(guarded, text(), {"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_health_stays_open_and_keys_never_reach_the_log(guarded: ServeProcess) -> None:
+    assert httpx.get(f"{guarded.base_url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded.base_url}/v1/models", timeout=10).status_code == 401
+    log = guarded.log()
+    assert KEY not in log and TINY_KEY not in log
+    assert "API keys are required" in log
