@@ -4,6 +4,11 @@ The head node stands for a CPU machine and a second node for a GPU machine: it c
 `accelerator` resource, which the model stage asks for, so placement can be checked on CPUs.
 The application goes on with `serve deploy`; the tests read the Ray dashboard's REST API and Ray's
 Prometheus endpoint, and drive autoscaling with a bounded load.
+
+Ray's token authentication is on, set up exactly as the README's cluster section says: a token made
+once with `ray get-auth-token --generate` into `~/.ray/auth_token` (HOME is a fresh directory here,
+as on a new machine), `RAY_AUTH_MODE=token` for `ray start` and the serve CLI, and the token as a
+Bearer token for the dashboard's REST API.
 """
 
 from __future__ import annotations
@@ -34,8 +39,7 @@ from tests.support.serving import ROOT, free_port
 pytestmark = pytest.mark.integration
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 SERVE = [sys.executable, "-m", "ray.serve.scripts"]
-# A throwaway cluster on loopback: no token auth, so the dashboard's REST API answers plain requests.
-CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+NODE_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "token"}  # the README's `export RAY_AUTH_MODE=token`
 
 
 @dataclass
@@ -47,19 +51,31 @@ class Cluster:
     processes: list[subprocess.Popen]
     workdir: Path
     ray_dir: Path
+    home: Path
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def serve(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    @property
+    def token(self) -> str:
+        return (self.home / ".ray" / "auth_token").read_text().strip()
+
+    def serve(self, *args: str, timeout: float = 120, auth: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, **NODE_ENV, "HOME": str(self.home)}
+        if not auth:
+            env.pop("RAY_AUTH_MODE", None)
         return subprocess.run([*SERVE, *args, "--address", self.dashboard], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT, env={**os.environ, **CLUSTER_ENV})
+                              timeout=timeout, cwd=ROOT, env=env)
+
+    def get(self, path: str, **params) -> dict:
+        response = httpx.get(f"{self.dashboard}{path}", params=params, timeout=10,
+                             headers={"Authorization": f"Bearer {self.token}"})
+        response.raise_for_status()
+        return response.json()
 
     def applications(self) -> dict:
-        response = httpx.get(f"{self.dashboard}/api/serve/applications/", timeout=10)
-        response.raise_for_status()
-        return response.json().get("applications", {})
+        return self.get("/api/serve/applications/").get("applications", {})
 
     def replicas(self, deployment: str) -> int:
         app = self.applications().get("vlm", {})
@@ -67,9 +83,10 @@ class Cluster:
         return sum(1 for r in info.get("replicas", []) if r.get("state") == "RUNNING")
 
 
-def start_node(args: list[str], log: Path) -> subprocess.Popen:
+def start_node(args: list[str], log: Path, home: Path) -> subprocess.Popen:
+    env = {**os.environ, **NODE_ENV, "HOME": str(home)}
     return subprocess.Popen([*RAY, "start", "--block", *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **CLUSTER_ENV})
+                            start_new_session=True, env=env)
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 1.0):
@@ -88,9 +105,12 @@ def wait_until(check, timeout: float, what: str, interval: float = 1.0):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    saved_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # for the state API calls made from this process
     workdir = tmp_path_factory.mktemp("cluster")
+    home = workdir / "home"  # a new operator's home: no token yet
+    home.mkdir()
+    made = subprocess.run([*RAY, "get-auth-token", "--generate"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(home)})
+    assert made.returncode == 0, made.stderr
     gcs_port, dash_port, head_metrics, worker_metrics = (free_port() for _ in range(4))
     # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes.
     ray_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
@@ -99,22 +119,26 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         [f"--port={gcs_port}", "--head", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--metrics-export-port={head_metrics}",
          "--num-cpus=4", '--resources={"cpu_node": 100}', f"--temp-dir={ray_dir}", *common],
-        workdir / "head.log",
+        workdir / "head.log", home,
     )
     processes = [head]
     dashboard = f"http://127.0.0.1:{dash_port}"
     try:
-        wait_until(lambda: httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 200, 180, "the head node")
+        token_file = home / ".ray" / "auth_token"
+        bearer = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+        wait_until(lambda: httpx.get(f"{dashboard}/api/version", headers=bearer, timeout=5).status_code == 200, 180,
+                   "the head node")
         worker = start_node(
             [f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", f"--metrics-export-port={worker_metrics}",
              "--num-cpus=4", '--resources={"accelerator": 2}', *common],
-            workdir / "worker.log",
+            workdir / "worker.log", home,
         )
         processes.append(worker)
-        nodes = lambda: httpx.get(f"{dashboard}/nodes?view=summary", timeout=5).json()["data"]["summary"]  # noqa: E731
+        nodes = lambda: httpx.get(f"{dashboard}/nodes?view=summary", headers=bearer,  # noqa: E731
+                                  timeout=5).json()["data"]["summary"]
         wait_until(lambda: sum(n["raylet"]["state"] == "ALIVE" for n in nodes()) == 2, 120, "the second node")
         yield Cluster(f"127.0.0.1:{gcs_port}", dashboard, [head_metrics, worker_metrics], free_port(), processes, workdir,
-                      ray_dir)
+                      ray_dir, home)
     finally:
         for process in reversed(processes):
             if process.poll() is None:
@@ -125,10 +149,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
         shutil.rmtree(ray_dir, ignore_errors=True)
-        if saved_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved_mode
 
 
 def cluster_config(cluster: Cluster) -> dict:
@@ -193,18 +213,29 @@ def test_dashboard_shows_the_application_running_with_three_deployments(deployed
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
-def test_model_stage_runs_on_the_accelerator_node(deployed: Cluster) -> None:
-    from ray.util.state import list_actors, list_nodes
+def test_the_cluster_refuses_callers_without_the_token(deployed: Cluster) -> None:
+    """Authentication is really on: the dashboard's API and the serve CLI both need the token."""
+    assert httpx.get(f"{deployed.dashboard}/api/serve/applications/", timeout=10).status_code in (401, 403)
+    wrong = {"Authorization": "Bearer not-the-token"}
+    assert httpx.get(f"{deployed.dashboard}/api/serve/applications/", headers=wrong, timeout=10).status_code in (401, 403)
+    refused = deployed.serve("status", auth=False)
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
+    status = deployed.serve("status")
+    assert status.returncode == 0, status.stderr
+    assert "vlm" in status.stdout and "RUNNING" in status.stdout
 
-    nodes = list_nodes(address=deployed.dashboard, detail=True)
-    accelerator_nodes = {n.node_id for n in nodes if "accelerator" in (n.resources_total or {})}
-    cpu_nodes = {n.node_id for n in nodes if "cpu_node" in (n.resources_total or {})}
+
+def test_model_stage_runs_on_the_accelerator_node(deployed: Cluster) -> None:
+    nodes = deployed.get("/api/v0/nodes", detail=1, limit=100)["data"]["result"]["result"]
+    accelerator_nodes = {n["node_id"] for n in nodes if "accelerator" in (n.get("resources_total") or {})}
+    cpu_nodes = {n["node_id"] for n in nodes if "cpu_node" in (n.get("resources_total") or {})}
     assert len(accelerator_nodes) == 1 and len(cpu_nodes) == 1
 
     def placed(name: str) -> set[str]:
-        actors = list_actors(address=deployed.dashboard, filters=[("class_name", "=", f"ServeReplica:vlm:{name}"),
-                                                                   ("state", "=", "ALIVE")])
-        return {a.node_id for a in actors}
+        actors = deployed.get("/api/v0/actors", limit=1000, detail=1,
+                              filter_keys=["class_name", "state"], filter_predicates=["=", "="],
+                              filter_values=[f"ServeReplica:vlm:{name}", "ALIVE"])["data"]["result"]["result"]
+        return {a["node_id"] for a in actors}
 
     assert placed("VLMServer") <= accelerator_nodes and placed("VLMServer")
     assert placed("ImagePreprocessor") <= cpu_nodes and placed("ImagePreprocessor")
