@@ -25,10 +25,13 @@ class PromptStyle:
     system: str | None = None
 
 
-def build_prompt(processor: Any, question: str, style: PromptStyle = PromptStyle()) -> str:
-    """The serving prompt: the chat template over one user turn holding an image and a question."""
-    image, text = {"type": "image"}, {"type": "text", "text": question}
-    content = [image, text] if style.image_first else [text, image]
+def build_prompt(processor: Any, question: str, style: PromptStyle = PromptStyle(), image: bool = True) -> str:
+    """The serving prompt: the chat template over one user turn holding an image and a question.
+
+    `image=False` renders a text-only turn, as the server does for a request without an image.
+    """
+    picture, text = {"type": "image"}, {"type": "text", "text": question}
+    content = ([picture, text] if style.image_first else [text, picture]) if image else [text]
     messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
     if style.system:
         messages.insert(0, {"role": "system", "content": style.system})

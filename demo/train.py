@@ -3,10 +3,13 @@
     python -m demo.train --config configs/train/demo.yaml --out /tmp/demo-run \\
         --export checkpoints/glm4v-demo-vqa          # a GPU takes minutes
     python -m demo.train --config configs/train/demo.yaml --out /tmp/demo-run --resume
+    python -m demo.train --config configs/train/demo-finetune.yaml --init-from checkpoints/glm4v-demo-vqa \
+        --out /tmp/demo-ft --export /tmp/demo-ft-export --eval 500     # continue from the checkpoint
     python -m demo.train --smoke           # CPU, a few steps, asserts the loss falls
 
 Inputs are built exactly as the server builds them: the processor's chat template with one image
-and the question, then the answer and `<|endoftext|>`; the loss covers the answer tokens only.
+(or none, for a text-only request) and the question, then the answer and `<|endoftext|>`; the loss
+covers the answer tokens only.
 Batch `i` is a pure function of (seed, i), so a run is reproducible from its config and resumes
 on exactly the batches it would have seen.
 """
@@ -38,7 +41,7 @@ from transformers.models.glm4v.modeling_glm4v import (
 
 from demo.model import build_config, build_model, build_processor, build_tokenizer
 from demo.prompt_format import EOS, SYSTEM_PROMPTS, PromptStyle, build_prompt
-from demo.vqa_data import IMAGE_SIZES, QUESTION_TYPES, VQASample, generate, make_sample, split_seed
+from demo.vqa_data import IMAGE_SIZES, VQASample, generate, split_seed, training_sample, type_shares
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "loss_log.jsonl"
@@ -61,10 +64,14 @@ class TrainConfig:
     # None: every step draws fresh samples. An int: cycle over the first N (the smoke test's
     # tiny fixed set, which a few steps can fit).
     train_size: int | None = None
-    # Shares of training prompts with the question before the image, and with a system prompt.
-    # Share of training questions per type, e.g. {count: 0.4}; types not named split the rest
-    # evenly. None: every type equally often. Lets a continued run work on its weakest type.
+    # Share of training questions per type, e.g. {count: 0.4}; core types not named split the
+    # rest evenly, and the extra types (vqa_data.EXTRA_TYPES: canvas, scene, photo, ...) are drawn
+    # only when named. None: the five core types equally often. Lets a continued run work on its
+    # weakest type, or add the extra kinds as a modest share.
     type_weights: dict[str, float] | None = None
+    # Share of core-type questions asked in a training paraphrase instead of a base wording.
+    paraphrase_fraction: float = 0.0
+    # Shares of training prompts with the question before the image, and with a system prompt.
     text_first_fraction: float = 0.3
     system_fraction: float = 0.1
     num_workers: int = 4
@@ -74,7 +81,14 @@ class TrainConfig:
     eval_every: int = 0
     eval_samples: int = 200
     eval_batch_size: int = 64
+    # Samples per extra evaluation row (paraphrases and each extra type) at each evaluation; 0: the
+    # core validation samples only. These rows use training wordings only, so choosing the best
+    # weights never looks at the held-out wordings.
+    eval_extra: int = 0
     max_bad_steps: int = 20
+    # Weights to start from (a save_pretrained directory), as --init-from gives; the command
+    # line's --init-from wins. None: a fresh model built from `model`.
+    init_from: str | None = None
     # Wall-clock budget in seconds (None: run all `steps`). A leased GPU gives a run minutes, not
     # steps: after `calibration_steps` the run measures its pace and shortens `steps` to what fits,
     # still inside warm-up, so the learning-rate schedule still ends its decay on the last step.
@@ -124,6 +138,7 @@ def _config_from(data: dict[str, Any]) -> TrainConfig:
     for name in floats & set(data):
         if isinstance(data[name], str):
             data[name] = float(data[name])
+    type_shares(data.get("type_weights"))  # unknown types or weights summing past 1 fail here
     return TrainConfig(**data)
 
 
@@ -150,10 +165,18 @@ SMOKE_CONFIG = TrainConfig(
 def encode_batch(
     processor: Any, samples: Sequence[VQASample], styles: Sequence[PromptStyle] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Model inputs for prompt + answer + EOS, with labels on the answer tokens only."""
+    """Model inputs for prompt + answer + EOS, with labels on the answer tokens only.
+
+    A sample without an image is a text-only turn; a batch without any image has no
+    `pixel_values` or `image_grid_thw`.
+    """
     styles = styles or [PromptStyle()] * len(samples)
-    texts = [build_prompt(processor, s.question, st) + s.answer + EOS for s, st in zip(samples, styles)]
-    enc = processor(text=texts, images=[s.image for s in samples], return_tensors="pt", padding=True)
+    texts = [
+        build_prompt(processor, s.question, st, image=s.image is not None) + s.answer + EOS
+        for s, st in zip(samples, styles)
+    ]
+    images = [s.image for s in samples if s.image is not None]
+    enc = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
     input_ids = enc["input_ids"]
     labels = torch.full_like(input_ids, -100)
     for row, sample in enumerate(samples):
@@ -164,14 +187,15 @@ def encode_batch(
         if input_ids[row, -n:].tolist() != answer_ids:
             raise ValueError(f"answer tokens not at the end of row {row}: {sample.answer!r}")
         labels[row, -n:] = input_ids[row, -n:]
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": enc["attention_mask"],
-        "pixel_values": enc["pixel_values"],
-        "image_grid_thw": enc["image_grid_thw"],
         "mm_token_type_ids": enc["mm_token_type_ids"],
         "labels": labels,
     }
+    if images:
+        batch["pixel_values"], batch["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+    return batch
 
 
 class RopeIndexer:
@@ -191,7 +215,7 @@ class RopeIndexer:
         position_ids, _ = self.get_rope_index(
             batch["input_ids"],
             mm_token_type_ids=batch["mm_token_type_ids"],
-            image_grid_thw=batch["image_grid_thw"],
+            image_grid_thw=batch.get("image_grid_thw"),
             attention_mask=batch["attention_mask"],
         )
         return position_ids
@@ -215,28 +239,26 @@ class TrainBatches(Dataset):
         indices = [step * b + k for k in range(b)]
         if self.cfg.train_size:
             indices = [i % self.cfg.train_size for i in indices]
-        if self.cfg.type_weights:
-            indices = [self.reweighted(i) for i in indices]
-        # One image size per batch (sizes still vary from batch to batch): equal-length images
-        # let the vision tower run one batched attention call (see batched_vision_attention).
+        # One image size per batch for the core samples (sizes still vary from batch to batch):
+        # equal-length images let the vision tower attend in one batched call. The extra kinds
+        # keep their own sizes, which clients send too (see batched_vision_attention).
         size = random.Random(f"size:{self.data_seed}:{step}").choice(IMAGE_SIZES)
-        samples = [make_sample(self.data_seed, i, size) for i in indices]
+        samples = [
+            training_sample(
+                self.data_seed,
+                i,
+                size,
+                weights=self.cfg.type_weights,
+                paraphrase_fraction=self.cfg.paraphrase_fraction,
+            )
+            for i in indices
+        ]
         batch = encode_batch(self.processor, samples, [self.style(i) for i in indices])
         if self.rope is not None:
             batch["position_ids"] = self.rope(batch)
-        batch["pixel_values"] = pack_pixels(batch["pixel_values"], self.processor)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = pack_pixels(batch["pixel_values"], self.processor)
         return batch
-
-    def reweighted(self, index: int) -> int:
-        """A sample index whose question type is drawn from `type_weights` (distinct per index)."""
-        weights = self.cfg.type_weights or {}
-        named = sum(weights.values())
-        others = [t for t in QUESTION_TYPES if t not in weights]
-        share = [weights.get(t, max(0.0, 1 - named) / max(1, len(others))) for t in QUESTION_TYPES]
-        kind = random.Random(f"type:{self.data_seed}:{index}").choices(range(len(QUESTION_TYPES)), share)[0]
-        # make_sample picks the type from index % len(QUESTION_TYPES) (and the language from the
-        # quotient), so this index has the drawn type and no other row's index.
-        return index * len(QUESTION_TYPES) + kind
 
     def style(self, index: int) -> PromptStyle:
         # Many OpenAI clients put the text before the image, and some send a system prompt:
@@ -298,24 +320,34 @@ def _batched_vision_attention(
     max_seqlen: int | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """Glm4vVisionAttention.forward for images of equal size, as one batched SDPA call.
+    """Glm4vVisionAttention.forward as one batched SDPA call over all images.
 
     Without flash-attention the stock forward attends image by image, a Python loop of small
     kernels per layer that dominates a tiny model's step. When every image has the same number of
-    patches, attention within each image is exactly one batched call. Other inputs (mixed sizes)
-    take the stock path.
+    patches, attention within each image is exactly one batched call. Images of different sizes
+    are padded to the longest, with the padding masked out of every key: the same math, still one
+    call.
     """
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     n_images, seq = lengths.numel(), hidden_states.shape[0]
-    length = seq // n_images
-    if seq != n_images * length or bool((lengths != length).any()):
-        return _STOCK_VISION_ATTENTION(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
     q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    q, k, v = (t.reshape(n_images, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
-    return self.proj(out.transpose(1, 2).reshape(seq, -1))
+    length = seq // n_images
+    if seq == n_images * length and not bool((lengths != length).any()):
+        q, k, v = (t.reshape(n_images, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+        return self.proj(out.transpose(1, 2).reshape(seq, -1))
+    # Row i of the padded layout holds image i's patches, then padding up to the longest image.
+    longest = int(lengths.max())
+    offsets = torch.arange(longest, device=hidden_states.device)
+    valid = offsets[None, :] < lengths[:, None]  # (images, longest)
+    index = (cu_seqlens[:-1, None] + offsets[None, :]).clamp(max=seq - 1)
+    q, k, v = (t[index].transpose(1, 2) for t in (q, k, v))  # (images, heads, longest, head_dim)
+    mask = valid[:, None, None, :]  # padded keys get no attention; every row keeps a real key
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+    # Valid positions in row-major order are exactly the original sequence order.
+    return self.proj(out.transpose(1, 2)[valid].reshape(seq, -1))
 
 
 _STOCK_VISION_ATTENTION = Glm4vVisionAttention.forward
@@ -425,6 +457,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
+    init_from = init_from or cfg.init_from
     if init_from:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -446,8 +479,9 @@ def train(
     print(f"model: {n_params / 1e6:.2f}M parameters on {dev}; steps {start}..{cfg.steps}", flush=True)
 
     losses: list[float] = []
-    # The weights with the best validation accuracy, kept in case a late phase of training
-    # gets worse (a small model's vision pathway can collapse at too high a learning rate).
+    # The weights with the best validation score (evaluate.score's `selection`), kept in case a
+    # late phase of training gets worse (a small model's vision pathway can collapse at too high
+    # a learning rate).
     best: dict[str, Any] = {"accuracy": -1.0, "step": None, "state": None}
     with batched_vision_attention():
         step = _train_loop(model, processor, optimizer, cfg, start, dev, log, losses, state_path, stop_after, best)
@@ -455,7 +489,7 @@ def train(
     # Again at the end: a time budget may have changed `steps`, and the file should say what ran.
     (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if best["state"] is not None and best["step"] != step:
-        print(f"keeping step {best['step']} (validation {best['accuracy']:.3f})", flush=True)
+        print(f"keeping step {best['step']} (validation score {best['accuracy']:.3f})", flush=True)
         model.load_state_dict(best["state"])
     model.eval()
     return {"model": model, "processor": processor, "losses": losses, "step": step, "best": best}
@@ -498,7 +532,8 @@ def _train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        batch["pixel_values"] = unpack_pixels(batch["pixel_values"], temporal)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = unpack_pixels(batch["pixel_values"], temporal)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -558,7 +593,15 @@ def _log_eval(model: Any, processor: Any, cfg: TrainConfig, step: int, log: Any)
     from demo.evaluate import evaluate_offline
 
     model.eval()
-    result = evaluate_offline(model, processor, split="validation", n=cfg.eval_samples, batch_size=cfg.eval_batch_size)
+    result = evaluate_offline(
+        model,
+        processor,
+        split="validation",
+        n=cfg.eval_samples,
+        batch_size=cfg.eval_batch_size,
+        extra=cfg.eval_extra,
+        held_out=False,
+    )
     reliance = image_reliance(model, processor)
     model.train()
     record = {
@@ -567,13 +610,18 @@ def _log_eval(model: Any, processor: Any, cfg: TrainConfig, step: int, log: Any)
         "val_per_type": result["per_type"],
         "image_reliance": round(reliance, 4),
     }
+    if cfg.eval_extra:
+        record["val_extras"] = {name: row["accuracy"] for name, row in result["extras"].items()}
+        record["val_ran_to_max_tokens"] = result["ran_to_max_tokens"]
     log.write(json.dumps(record) + "\n")
     log.flush()
+    extras = f" extras {record['val_extras']} at max_tokens {result['ran_to_max_tokens']}" if cfg.eval_extra else ""
     print(
-        f"step {step}: validation accuracy {result['overall']:.3f} {result['per_type']} image reliance {reliance:.3f}",
+        f"step {step}: validation accuracy {result['overall']:.3f} {result['per_type']}{extras}"
+        f" image reliance {reliance:.3f}",
         flush=True,
     )
-    return float(result["overall"])
+    return float(result["selection"])
 
 
 @torch.no_grad()
@@ -625,6 +673,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--init-from", help="start from this checkpoint's weights")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--eval", type=int, default=0, help="after training, score N test samples")
+    parser.add_argument(
+        "--eval-extra",
+        type=int,
+        help="with --eval: samples per extra row (held-out paraphrases, each extra type); default N/5",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU smoke run: asserts the loss falls")
     parser.add_argument(
         "--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config keys (repeatable)"
@@ -641,7 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eval:  # before export, which moves the model to the CPU
         from demo.evaluate import evaluate_offline, format_table
 
-        scores = evaluate_offline(result["model"], result["processor"], split="test", n=args.eval)
+        extra = args.eval // 5 if args.eval_extra is None else args.eval_extra
+        scores = evaluate_offline(result["model"], result["processor"], split="test", n=args.eval, extra=extra)
         print(format_table(scores), flush=True)
         (Path(args.out) / "test_eval.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False))
     if args.export:
@@ -683,6 +737,7 @@ def train_stages(
         result = {"model": model, "processor": AutoProcessor.from_pretrained(init_from), "step": stages[-1].steps}
     result["model"].to(pick_device(device))
     return result
+
 
 if __name__ == "__main__":
     sys.exit(main())

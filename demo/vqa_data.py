@@ -5,6 +5,13 @@ a question in English or Chinese, a short-sentence answer in the question's lang
 `question_type` (shape, color, count, text, position). The demo model is trained and evaluated on
 it, and the web page can offer its images as examples.
 
+Beyond those five core types, `EXTRA_TYPES` teach the model to behave sensibly at the edges of its
+world: a picture that is one color all over ("What color is this?" -> "It is red."), one large
+shape asked about without its name, and, for photo-like or screenshot-like pictures, requests
+without an image and questions outside the lessons, one short honest sentence
+(`wordings.HONEST_ANSWER`). Questions come in wording families (`wordings.py`), some held out of
+training, and every sample records the family it used.
+
 Every sample is a pure function of `(split seed, index)`, so a data loader worker can draw any
 sample on its own, a training run resumes on exactly the batches it would have seen, and the
 train, validation and test splits never share a random stream.
@@ -22,6 +29,18 @@ from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from demo.outside_images import OUTSIDE_SIZES, PHOTO_DRAWERS, SCREEN_SIZES, screenshot
+from demo.wordings import (
+    CANVAS_QUESTIONS,
+    CORE_PARAPHRASES,
+    DESCRIBE_QUESTIONS,
+    HONEST_ANSWER,
+    OFF_TOPIC_QUESTIONS,
+    SCENE_COLOR_QUESTIONS,
+    TRAIN_FAMILIES,
+    fill,
+)
 
 QUESTION_TYPES: tuple[str, ...] = ("shape", "color", "count", "text", "position")
 LANGUAGES: tuple[str, ...] = ("en", "zh")
@@ -141,9 +160,13 @@ class DrawnObject:
 
 @dataclass
 class VQASample:
-    """One question about one image, with its answer and what was drawn (for checks)."""
+    """One question about one image (or none), with its answer and what was drawn (for checks).
 
-    image: Image.Image
+    `wording` is the family of the question's phrasing (`wordings.WORDING_FAMILIES`); `subject`
+    the shape the question names, if it names one.
+    """
+
+    image: Image.Image | None
     question: str
     answer: str
     question_type: str
@@ -152,6 +175,8 @@ class VQASample:
     text: str | None = None
     split: str = ""
     index: int = -1
+    wording: str = "base"
+    subject: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +329,7 @@ def _color_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASa
     else:
         answer = f"The {target.shape} is {target.color}."
     question = _question(rng, "color", lang, target.shape)
-    return VQASample(render_scene(rng, size, objects), question, answer, "color", lang, objects)
+    return VQASample(render_scene(rng, size, objects), question, answer, "color", lang, objects, subject=target.shape)
 
 
 def _count_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASample:
@@ -317,7 +342,8 @@ def _count_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASa
     spots = _place(rng, size, len(shapes), (0.07, 0.1))
     objects = [DrawnObject(s, rng.choice(list(COLORS)), x, y, r) for s, (x, y, r) in zip(shapes, spots)]
     question = _question(rng, "count", lang, target)
-    return VQASample(render_scene(rng, size, objects), question, _count_answer(target, n, lang), "count", lang, objects)
+    answer = _count_answer(target, n, lang)
+    return VQASample(render_scene(rng, size, objects), question, answer, "count", lang, objects, subject=target)
 
 
 def _text_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQASample:
@@ -344,7 +370,7 @@ def _position_sample(rng: random.Random, size: tuple[int, int], lang: str) -> VQ
     else:
         answer = f"The {obj.shape} is {POSITION_EN[where]}."
     question = _question(rng, "position", lang, obj.shape)
-    return VQASample(render_scene(rng, size, [obj]), question, answer, "position", lang, [obj])
+    return VQASample(render_scene(rng, size, [obj]), question, answer, "position", lang, [obj], subject=obj.shape)
 
 
 _MAKERS = {
@@ -390,6 +416,269 @@ def iter_split(split: str, n: int, start: int = 0) -> Iterator[VQASample]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Beyond the core types: wordings, simple scenes, and pictures outside the model's world
+
+EXTRA_TYPES: tuple[str, ...] = ("canvas", "scene", "photo", "screenshot", "no_image", "off_topic")
+# The kinds whose answer is always the honest sentence.
+OUT_OF_WORLD_TYPES: tuple[str, ...] = ("photo", "screenshot", "no_image", "off_topic")
+ALL_TYPES: tuple[str, ...] = QUESTION_TYPES + EXTRA_TYPES
+
+# A picture that is one color all over, as small as a client's 16 x 16 swatch or as large as a
+# photo: the processor turns them into 1 to 64 image tokens, and the model must see each layout.
+CANVAS_SIZES: tuple[tuple[int, int], ...] = (
+    (16, 16), (32, 32), (48, 48), (64, 64), (100, 100), (128, 128),
+    (168, 168), (224, 224), (256, 256), (320, 240), (512, 512), (300, 150),
+)  # fmt: skip
+# One large shape: at 64 x 64 pixels it is still four image tokens, the least that shows a shape.
+SCENE_SIZES: tuple[tuple[int, int], ...] = (
+    (64, 64), (96, 96), (128, 128), (168, 168), (224, 224), (256, 256), (320, 240), (200, 300),
+)  # fmt: skip
+# Shares of the question kinds asked of a photo, a screenshot or no image: a lesson's question
+# (which has no answer there), an open question about the picture, or one outside any lesson.
+_ANY_QUESTION_SHARES: dict[str, float] = {"lesson": 0.5, "describe": 0.3, "off_topic": 0.2}
+
+
+def wording_table(qtype: str, lang: str) -> dict[str, tuple[str, ...]]:
+    """The templates of every wording family for a question kind ("describe" included)."""
+    if qtype in QUESTION_TYPES:
+        return {"base": QUESTIONS[(qtype, lang)], **CORE_PARAPHRASES[(qtype, lang)]}
+    tables = {
+        "canvas": CANVAS_QUESTIONS,
+        "scene": SCENE_COLOR_QUESTIONS,
+        "off_topic": OFF_TOPIC_QUESTIONS,
+        "describe": DESCRIBE_QUESTIONS,
+    }
+    return tables[qtype][lang]
+
+
+def _ask(
+    rng: random.Random, qtype: str, lang: str, families: tuple[str, ...], shape: str | None = None
+) -> tuple[str, str]:
+    """(family, question): a family drawn evenly among `families`, then one of its templates."""
+    table = wording_table(qtype, lang)
+    present = [f for f in families if table.get(f)]
+    family = rng.choice(present)
+    return family, fill(rng.choice(table[family]), lang, shape, SHAPE_ZH_NOUN)
+
+
+def reword(sample: VQASample, rng: random.Random, families: tuple[str, ...]) -> VQASample:
+    """The core sample asked in another wording family (same image, same answer)."""
+    sample.wording, sample.question = _ask(rng, sample.question_type, sample.lang, families, sample.subject)
+    return sample
+
+
+def _canvas_image(rng: random.Random, size: tuple[int, int], color: str) -> Image.Image:
+    rgb = _jitter(COLORS[color], rng, 12)
+    if rng.random() < 0.5:
+        return Image.new("RGB", size, rgb)
+    # Faint sensor-like noise: still one color to any eye, never a second color.
+    amount = rng.randint(2, 6)
+    span = 2 * amount + 1
+    channels = [
+        Image.frombytes("L", size, rng.randbytes(size[0] * size[1])).point(
+            lambda v, c=c: max(0, min(255, c - amount + v % span))
+        )
+        for c in rgb
+    ]
+    return Image.merge("RGB", channels)
+
+
+def _canvas_sample(rng: random.Random, size: tuple[int, int] | None, lang: str, families: tuple[str, ...]) -> VQASample:
+    color = rng.choice(list(COLORS))
+    image = _canvas_image(rng, size or rng.choice(CANVAS_SIZES), color)
+    wording, question = _ask(rng, "canvas", lang, families)
+    answer = f"这是{COLOR_ZH[color]}的。" if lang == "zh" else f"It is {color}."
+    return VQASample(image, question, answer, "canvas", lang, wording=wording)
+
+
+def _scene_sample(rng: random.Random, size: tuple[int, int] | None, lang: str, families: tuple[str, ...]) -> VQASample:
+    size = size or rng.choice(SCENE_SIZES)
+    ((cx, cy, r),) = _place(rng, size, 1, (0.2, 0.4))
+    obj = DrawnObject(rng.choice(SHAPES), rng.choice(list(COLORS)), cx, cy, r)
+    # Plain white, as a client's own drawing usually is, or the set's near-white.
+    image = Image.new("RGB", size, (255, 255, 255)) if rng.random() < 0.4 else _background(rng, size)
+    draw_object(ImageDraw.Draw(image), obj, _jitter(COLORS[obj.color], rng))
+    if rng.random() < 0.6:
+        wording, question = _ask(rng, "scene", lang, families)
+        if lang == "zh":
+            answer = f"{SHAPE_ZH_NOUN[obj.shape]}是{COLOR_ZH[obj.color]}的。"
+        else:
+            answer = f"The {obj.shape} is {obj.color}."
+    else:
+        wording, question = _ask(rng, "shape", lang, families)
+        answer = f"这是{SHAPE_ZH[obj.shape]}。" if lang == "zh" else f"It is a {obj.shape}."
+    return VQASample(image, question, answer, "scene", lang, [obj], wording=wording)
+
+
+def _any_question(rng: random.Random, lang: str, families: tuple[str, ...]) -> tuple[str, str]:
+    """A question of any kind the set knows, for a request the model cannot answer."""
+    kind = rng.choices(list(_ANY_QUESTION_SHARES), list(_ANY_QUESTION_SHARES.values()))[0]
+    if kind == "lesson":
+        qtype = rng.choice(QUESTION_TYPES + ("canvas", "scene"))
+        return _ask(rng, qtype, lang, families, rng.choice(SHAPES))
+    return _ask(rng, kind, lang, families)
+
+
+def _honest(image: Image.Image | None, qtype: str, lang: str, asked: tuple[str, str]) -> VQASample:
+    wording, question = asked
+    return VQASample(image, question, HONEST_ANSWER[lang], qtype, lang, wording=wording)
+
+
+def _photo_sample(rng: random.Random, size: tuple[int, int] | None, lang: str, families: tuple[str, ...]) -> VQASample:
+    drawer = PHOTO_DRAWERS[rng.choice(sorted(PHOTO_DRAWERS))]
+    image = drawer(rng, size or rng.choice(OUTSIDE_SIZES))
+    return _honest(image, "photo", lang, _any_question(rng, lang, families))
+
+
+def _screenshot_sample(
+    rng: random.Random, size: tuple[int, int] | None, lang: str, families: tuple[str, ...]
+) -> VQASample:
+    image = screenshot(rng, size or rng.choice(SCREEN_SIZES))
+    return _honest(image, "screenshot", lang, _any_question(rng, lang, families))
+
+
+def _no_image_sample(
+    rng: random.Random, size: tuple[int, int] | None, lang: str, families: tuple[str, ...]
+) -> VQASample:
+    return _honest(None, "no_image", lang, _any_question(rng, lang, families))
+
+
+def _off_topic_sample(
+    rng: random.Random, size: tuple[int, int] | None, lang: str, families: tuple[str, ...]
+) -> VQASample:
+    # A picture from the model's world (a lesson's image, a plain color or one shape), asked
+    # something no lesson answers: the image alone must not decide the answer.
+    pick = rng.random()
+    if pick < 0.6:
+        image = _MAKERS[rng.choice(QUESTION_TYPES)](rng, size or rng.choice(IMAGE_SIZES), lang).image
+    elif pick < 0.8:
+        image = _canvas_sample(rng, size, lang, families).image
+    else:
+        image = _scene_sample(rng, size, lang, families).image
+    return _honest(image, "off_topic", lang, _ask(rng, "off_topic", lang, families))
+
+
+_EXTRA_MAKERS = {
+    "canvas": _canvas_sample,
+    "scene": _scene_sample,
+    "photo": _photo_sample,
+    "screenshot": _screenshot_sample,
+    "no_image": _no_image_sample,
+    "off_topic": _off_topic_sample,
+}
+
+
+def make_extra_sample(
+    seed: int,
+    index: int,
+    qtype: str,
+    *,
+    families: tuple[str, ...] = TRAIN_FAMILIES,
+    lang: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> VQASample:
+    """Sample `index` of kind `qtype` (one of `EXTRA_TYPES`) in the stream seeded by `seed`.
+
+    Questions are worded from `families`; the language alternates with the index unless given.
+    Each kind has a random stream of its own, apart from the core samples' streams.
+    """
+    if qtype not in _EXTRA_MAKERS:
+        raise ValueError(f"unknown extra question type {qtype!r}; expected one of {EXTRA_TYPES}")
+    rng = random.Random(f"{qtype}:{seed}:{index}")
+    return _EXTRA_MAKERS[qtype](rng, size, lang or LANGUAGES[index % len(LANGUAGES)], families)
+
+
+def type_shares(weights: dict[str, float] | None) -> list[float]:
+    """Shares over `ALL_TYPES`: named types get their weight; unnamed core types split the rest.
+
+    An extra type is drawn only when named, so a recipe that names core types alone draws the
+    same samples as it did before the extra types existed.
+    """
+    weights = weights or {}
+    unknown = set(weights) - set(ALL_TYPES)
+    if unknown:
+        raise ValueError(f"unknown question types {sorted(unknown)}; expected some of {ALL_TYPES}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) > 1 + 1e-9:
+        raise ValueError(f"type weights must be >= 0 and sum to at most 1: {weights}")
+    others = [t for t in QUESTION_TYPES if t not in weights]
+    rest = max(0.0, 1 - sum(weights.values())) / max(1, len(others))
+    return [weights.get(t, rest if t in QUESTION_TYPES else 0.0) for t in ALL_TYPES]
+
+
+def training_sample(
+    seed: int,
+    index: int,
+    size: tuple[int, int] | None = None,
+    *,
+    weights: dict[str, float] | None = None,
+    paraphrase_fraction: float = 0.0,
+) -> VQASample:
+    """Training sample `index` of the stream `seed`: its type drawn from `weights`.
+
+    No weights: `make_sample`'s even cycle of the core types. `size` applies to core samples (a
+    batch shares one size); the extra kinds draw their own. A `paraphrase_fraction` of the core
+    samples are asked in a training paraphrase instead of a base wording. Held-out wordings are
+    never drawn here.
+    """
+    if weights:
+        qtype = ALL_TYPES[random.Random(f"type:{seed}:{index}").choices(range(len(ALL_TYPES)), type_shares(weights))[0]]
+        if qtype in QUESTION_TYPES:
+            # make_sample picks the type from index % len(QUESTION_TYPES) (and the language from
+            # the quotient), so this index has the drawn type and no other row's index.
+            sample = make_sample(seed, index * len(QUESTION_TYPES) + QUESTION_TYPES.index(qtype), size)
+        else:
+            sample = make_extra_sample(seed, index, qtype)
+    else:
+        sample = make_sample(seed, index, size)
+    if paraphrase_fraction and sample.question_type in QUESTION_TYPES:
+        rng = random.Random(f"wording:{seed}:{index}")
+        if rng.random() < paraphrase_fraction:
+            reword(sample, rng, ("paraphrase",))
+    return sample
+
+
+def every_question(families: tuple[str, ...]) -> set[str]:
+    """Every question the set can ask in `families`, all kinds, languages and shapes filled in."""
+    kinds = QUESTION_TYPES + ("canvas", "scene", "off_topic", "describe")
+    return {
+        fill(template, lang, shape, SHAPE_ZH_NOUN)
+        for lang in LANGUAGES
+        for qtype in kinds
+        for family in families
+        for template in wording_table(qtype, lang).get(family, ())
+        for shape in SHAPES
+    }
+
+
+# Evaluation rows beyond the core test: core questions in other wordings, then each extra type.
+PARAPHRASE_ROW = "paraphrase"
+
+
+def evaluation_set(split: str, n: int, extra: int = 0, *, held_out: bool = True) -> list[VQASample]:
+    """The core samples `0 .. n-1` of `split`, then `extra` samples per extra row.
+
+    Extra rows: the split's first `extra` core images asked in held-out wordings (training
+    paraphrases when `held_out` is false), then `extra` samples of each `EXTRA_TYPES` kind, half in
+    training wordings and, when `held_out`, half in held-out ones. Training picks its best weights
+    with `held_out=False`, so the held-out wordings never influence the model.
+    """
+    samples = generate(split, n)
+    if not extra:
+        return samples
+    seed = split_seed(split)
+    core_families = ("held_out",) if held_out else ("paraphrase",)
+    for sample in generate(split, extra):
+        samples.append(reword(sample, random.Random(f"wording:{seed}:{sample.index}"), core_families))
+    for qtype in EXTRA_TYPES:
+        for index in range(extra):
+            families = ("held_out",) if held_out and index % 2 else TRAIN_FAMILIES
+            sample = make_extra_sample(seed, index, qtype, families=families, lang=LANGUAGES[(index // 2) % 2])
+            sample.split, sample.index = split, index
+            samples.append(sample)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
 # Scoring
 
 
@@ -408,7 +697,13 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 
 def vocabulary_corpus() -> list[str]:
-    """Every phrasing and answer form the set uses, for training the demo tokenizer's merges."""
+    """The core types' base phrasings and answer forms, for training the demo tokenizer's merges.
+
+    The committed checkpoint's tokenizer was built from exactly these lines, and a fine-tuned
+    model keeps its checkpoint's tokenizer, so the extra types' wordings and the honest answer
+    are not added here: they tokenize into the pieces these give (byte pieces for characters
+    these lack), and a change here would change every tokenizer built from scratch.
+    """
     lines: list[str] = []
     for (qtype, lang), templates in QUESTIONS.items():
         for template in templates:

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_make_demo_model)
 
     from demo import evaluate
-    from serve_app.cli.main.main import bench, quantize
+    from serve_app.cli import bench, quantize
 
     quantize.register(commands)
     bench.register(commands)

@@ -1,8 +1,11 @@
-"""Training the demo model: serving-identical inputs, the CPU smoke run, resume, config."""
+"""Training the demo model: serving-identical inputs, the CPU smoke run, resume, config, and the
+fine-tuning run from the committed checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,9 +26,12 @@ from demo.train import (
     train,
     unpack_pixels,
 )
-from demo.vqa_data import generate, make_sample
+from demo.vqa_data import EXTRA_TYPES, generate, make_extra_sample, make_sample, training_sample
+from demo.wordings import HONEST_ANSWER
 
 REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "checkpoints" / "glm4v-demo-vqa"
+FINETUNE = REPO / "configs" / "train" / "demo-finetune.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +151,95 @@ def test_stages_continue_from_each_other_and_resume_skips_finished_ones(tmp_path
     assert second[0] < first[0]
     again = train_demo.train_stages(stages, out, device="cpu", resume=True)
     assert again["step"] == 2 and again["model"] is not result["model"]
+
+
+def test_text_only_samples_encode_with_labels_on_the_answer(processor) -> None:  # type: ignore[no-untyped-def]
+    samples = [make_extra_sample(0, 0, "no_image"), generate("train", 1)[0], make_extra_sample(0, 1, "no_image")]
+    batch = encode_batch(processor, samples)
+    assert batch["image_grid_thw"].shape[0] == 1  # only the one image
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image|>")
+    for row, sample in enumerate(samples):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        assert processor.tokenizer.decode(labelled) == sample.answer + "<|endoftext|>"
+        assert bool((batch["input_ids"][row] == image_token).any()) == (sample.image is not None)
+    assert samples[0].answer == HONEST_ANSWER["en"] and samples[2].answer == HONEST_ANSWER["zh"]
+    # A batch with no image at all: no pixels, and the model still trains on it.
+    text_only = encode_batch(processor, [make_extra_sample(0, i, "no_image") for i in range(3)])
+    assert "pixel_values" not in text_only and "image_grid_thw" not in text_only
+    model = build_model(build_config(processor.tokenizer), seed=0)
+    loss = model(**text_only, position_ids=RopeIndexer(model.config)(text_only)).loss
+    loss.backward()
+    assert math.isfinite(float(loss.detach()))
+
+
+def test_batched_vision_attention_matches_stock_on_mixed_sizes(processor) -> None:  # type: ignore[no-untyped-def]
+    model = build_model(build_config(processor.tokenizer), seed=0).eval()
+    samples = [
+        make_sample(1, 0, (168, 168)),
+        make_extra_sample(1, 0, "canvas", size=(64, 64)),
+        make_extra_sample(1, 1, "no_image"),
+        make_extra_sample(1, 2, "photo", size=(320, 240)),
+        make_sample(1, 3, (224, 224)),
+    ]
+    batch = encode_batch(processor, samples)
+    assert len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 4  # four sizes of image
+    with torch.no_grad():
+        stock = model(**batch).logits
+        with batched_vision_attention():
+            fast = model(**batch, position_ids=RopeIndexer(model.config)(batch)).logits
+    assert torch.allclose(stock, fast, atol=1e-5)
+
+
+def test_batches_with_the_extra_types(processor) -> None:  # type: ignore[no-untyped-def]
+    cfg = dataclasses.replace(train_demo.load_config(FINETUNE), batch_size=24, num_workers=0)
+    first, again = TrainBatches(processor, cfg)[3], TrainBatches(processor, cfg)[3]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    drawn = [
+        training_sample(TrainBatches(processor, cfg).data_seed, 3 * 24 + k, weights=cfg.type_weights) for k in range(24)
+    ]
+    assert {s.question_type for s in drawn} & set(EXTRA_TYPES)
+    assert first["image_grid_thw"].shape[0] == sum(s.image is not None for s in drawn)
+    labels = [processor.tokenizer.decode(row[row != -100]) for row in first["labels"]]
+    assert labels == [s.answer + "<|endoftext|>" for s in drawn]
+    only_text = dataclasses.replace(cfg, type_weights={"no_image": 1.0}, batch_size=4)
+    batch = TrainBatches(processor, only_text)[0]
+    assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 4
+    with pytest.raises(ValueError):
+        train_demo.load_config(None, ["type_weights={poetry: 0.5}"])
+
+
+def test_the_finetune_config_continues_the_checkpoint_within_about_six_minutes() -> None:
+    (cfg,) = train_demo.load_stages(FINETUNE)
+    assert cfg.init_from == "checkpoints/glm4v-demo-vqa" and (REPO / cfg.init_from / "config.json").exists()
+    assert cfg.batch_size == 128 and cfg.bf16
+    # 300 s of steps (10-13 steps/s at batch 128 on one H100: 3,000-3,900 steps), plus start-up,
+    # evaluations and export: about six minutes.
+    assert cfg.time_budget_s == 300 and cfg.steps >= 13 * 300 and cfg.calibration_steps <= cfg.warmup_steps
+    assert set(EXTRA_TYPES) <= set(cfg.type_weights or {})
+    assert 0 < cfg.paraphrase_fraction < 0.5 and cfg.eval_extra > 0
+
+
+@pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(), reason="needs the committed demo checkpoint")
+def test_finetune_command_from_the_committed_checkpoint_on_cpu(tmp_path: Path) -> None:
+    """The lead's command, a few steps with a small batch on the CPU: finite loss, a loadable export."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from demo.evaluate import generate_answers
+    from demo.vqa_data import is_correct
+
+    run, export = tmp_path / "run", tmp_path / "export"
+    argv = ["--config", str(FINETUNE), "--init-from", str(CHECKPOINT), "--out", str(run), "--export", str(export)]
+    argv += ["--eval", "5", "--eval-extra", "1", "--device", "cpu", "--set", "steps=2", "batch_size=6"]
+    argv += ["num_workers=0", "bf16=false", "time_budget_s=null", "log_every=1", "eval_every=0"]
+    assert train_demo.main(argv) == 0
+    losses = [json.loads(line)["loss"] for line in (run / "loss_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    scores = json.loads((run / "test_eval.json").read_text())
+    assert scores["n"] == 5 and scores["answered"] == 5 + 1 + len(EXTRA_TYPES)
+    # The export loads as the server loads it, and still answers as the committed weights did:
+    # two steps at a warm-up learning rate move them very little (a fresh model gets none right).
+    processor = AutoProcessor.from_pretrained(export)
+    model = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32).eval()
+    samples = generate("test", 5)
+    answers = generate_answers(model, processor, samples)
+    assert sum(is_correct(a, s.answer) for a, s in zip(answers, samples)) >= 4, answers
