@@ -1,7 +1,10 @@
 """The chat page: `GET /` serves `static/index.html`, `GET /static/...` its assets.
 
-The page is plain HTML, CSS and JavaScript modules shipped inside the package (no CDN, no build
-step), and talks to the same origin's OpenAI routes (`/v1/models`, `/v1/chat/completions`).
+The page is plain HTML, CSS and native JavaScript modules shipped inside the package (no CDN, no
+build step): `index.html` loads `static/js/main.js` as a module script, which imports the other
+modules of `static/js/`. It talks to the same origin's OpenAI routes (`/v1/models`,
+`/v1/chat/completions`). Any regular, non-hidden file under `static/` is served, with a type from
+its suffix; nothing outside that folder is.
 
 Sample images: when `static/samples/index.json` exists the page offers them as one-click
 attachments. Its shape is a list (or `{"samples": [...]}`) of

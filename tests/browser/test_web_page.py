@@ -3,7 +3,8 @@
 A person opens the page, drops or picks an image, asks, watches the answer stream, asks a follow-up,
 stops a long answer, clears, and meets errors; these tests do the same through Playwright. The
 browser talks to the real server on 127.0.0.1, except where a test needs an answer the demo model
-cannot give (HTML in the answer, a 429, sample images): those intercept one URL in the browser.
+or server cannot give (HTML in the answer, two models with different generation defaults): those
+intercept the URL in the browser and answer it themselves.
 
 Screenshots of the main states go to `test-artifacts/web/`.
 """
@@ -15,170 +16,24 @@ import io
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 from tests.support import serving
-from tests.support.images import MODEL, png_bytes
+from tests.support.images import png_bytes
+from tests.support.page import CHAT, MODELS, PHONE, ChatPage, chunk, image_urls, sse
 from tests.support.serving import ROOT, ServeProcess
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need `pip install playwright`")
-expect = sync_api.expect
 
 pytestmark = pytest.mark.integration
 
-# The helper that writes a test config (named test_config in older checkouts).
-config_for_tests = getattr(serving, "config_for_tests", None) or serving.test_config
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = ROOT / "test-artifacts" / "web"
-CHAT = "/v1/chat/completions"
-WIDE = {"width": 1280, "height": 800}
-PHONE = {"width": 390, "height": 844}
-
-if not Path(CHROMIUM).exists():
-    pytest.skip(
-        f"the browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True
-    )
-
-
-# ---- fixtures --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # only this run's screenshots
-    ARTIFACTS.mkdir(parents=True)
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
-
-
-class ChatPage:
-    """One browser tab on the chat page, with the chat requests it sent and the errors it logged."""
-
-    def __init__(self, browser: Any, base_url: str, viewport: dict[str, int] = WIDE, dark: bool = False) -> None:
-        self.base_url = base_url
-        self.context = browser.new_context(
-            viewport=viewport, base_url=base_url, color_scheme="dark" if dark else "light"
-        )
-        self.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base_url)
-        self.page = self.context.new_page()
-        self.requests: list[Any] = []
-        self.page_errors: list[str] = []
-        self.console_errors: list[str] = []
-        self.page.on("request", lambda r: self.requests.append(r) if r.url.endswith(CHAT) else None)
-        self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
-        self.page.on("console", self._console)
-
-    def _console(self, message: Any) -> None:
-        if message.type == "error":
-            self.console_errors.append(f"{message.text} @ {message.location.get('url', '')}")
-
-    def open(self) -> ChatPage:
-        self.page.goto("/")
-        self.page.wait_for_selector("body[data-ready=true]")
-        return self
-
-    def wait_for_models(self) -> None:
-        expect(self.page.locator("#model option").first).to_be_attached()
-
-    def bodies(self) -> list[dict]:
-        return [json.loads(r.post_data) for r in self.requests]
-
-    def set_max_tokens(self, n: int | None) -> None:
-        self.page.fill("#max-tokens", "" if n is None else str(n))
-
-    def ask(self, text: str) -> None:
-        self.page.fill("#prompt", text)
-        self.page.press("#prompt", "Enter")
-
-    def last_answer(self) -> Any:
-        return self.page.locator(".turn.assistant").last
-
-    def wait_answer(self, outcome: str = "done", timeout: float = 60_000) -> Any:
-        answer = self.last_answer()
-        try:
-            expect(answer).to_have_class(re.compile(rf"\boutcome-{outcome}\b"), timeout=timeout)
-        except AssertionError as exc:
-            shown = answer.inner_text(timeout=2000) if answer.count() else "(no answer)"
-            raise AssertionError(f"expected outcome-{outcome}; the answer shows: {shown!r}\n{exc}") from None
-        return answer
-
-    def shot(self, name: str, full_page: bool = False) -> None:
-        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)
-
-    def drop(self, files: list[tuple[str, str, bytes]], target: str = "#chat") -> None:
-        """Drag files over the page and drop them, as the OS does when a user drags from a folder."""
-        transfer = self.page.evaluate_handle(
-            """(files) => {
-                const dt = new DataTransfer();
-                for (const [name, type, b64] of files) {
-                    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-                    dt.items.add(new File([bytes], name, { type }));
-                }
-                return dt;
-            }""",
-            [[name, mime, base64.b64encode(data).decode()] for name, mime, data in files],
-        )
-        self.page.dispatch_event(target, "dragenter", {"dataTransfer": transfer})
-        self.page.dispatch_event(target, "dragover", {"dataTransfer": transfer})
-        self.page.dispatch_event(target, "drop", {"dataTransfer": transfer})
-
-    def assert_clean(self) -> None:
-        """No uncaught exception and no Content-Security-Policy violation in the page."""
-        assert not self.page_errors, self.page_errors
-        assert not [e for e in self.console_errors if "Content Security Policy" in e], self.console_errors
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@pytest.fixture
-def chat(browser: Any, server: ServeProcess) -> Iterator[ChatPage]:
-    page = ChatPage(browser, server.base_url).open()
-    yield page
-    page.assert_clean()
-    page.close()
-
-
-def jpeg_bytes(size: tuple[int, int] = (80, 60), color: tuple[int, int, int] = (30, 60, 200)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def image_urls(message: dict) -> list[str]:
-    content = message["content"]
-    return [] if isinstance(content, str) else [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
-
-
-def sse(*chunks: dict) -> str:
-    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-
-
-def chunk(content: str | None = None, finish: str | None = None, usage: dict | None = None) -> dict:
-    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]
-    body = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 0, "model": MODEL, "choices": choices}
-    if usage:
-        body["usage"] = usage
-    return body
+STATIC = ROOT / "serve_app" / "web" / "static"
+# The request fields of the page's sampling controls, and the server's other sampling defaults.
+SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty"}
 
 
 # ---- the page and its assets -----------------------------------------------------------------
@@ -210,7 +65,10 @@ def test_page_loads_with_models_and_labelled_controls(chat: ChatPage, server: Se
     # Assets are shipped in the package with the right types; the page forbids inline scripts.
     response = page.request.get("/")
     assert "script-src 'self'" in response.headers["content-security-policy"]
-    assert page.request.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+    modules = sorted(p.relative_to(STATIC).as_posix() for p in (STATIC / "js").glob("*.js"))
+    assert "js/main.js" in modules
+    for module in modules:  # a module script served under any other type is refused by the browser
+        assert page.request.get(f"/static/{module}").headers["content-type"].startswith("text/javascript"), module
     assert page.request.get("/static/style.css").headers["content-type"].startswith("text/css")
     assert page.request.get("/static/nope.js").status == 404
     assert page.request.get("/static/%2e%2e/web.py").status == 404
@@ -268,7 +126,7 @@ def test_picked_image_streams_an_answer_and_the_follow_up_carries_the_history(ch
     # Second turn: an image dropped on the page, Shift+Enter for a second line, Enter sends.
     page.uncheck("#ignore-eos")
     chat.set_max_tokens(16)
-    blue = jpeg_bytes()
+    blue = png_bytes((80, 60), (30, 60, 200), "JPEG")
     chat.drop([("blue.jpg", "image/jpeg", blue)])
     expect(page.locator(".attachment")).to_have_count(1)
     expect(page.locator("#drop-overlay")).to_be_hidden()
@@ -310,8 +168,8 @@ def test_paste_attaches_images_and_clear_starts_over(chat: ChatPage) -> None:
         "#file-input",
         files=[
             {"name": "a.png", "mimeType": "image/png", "buffer": png_bytes(color=(10, 200, 10))},
-            {"name": "b.webp", "mimeType": "image/webp", "buffer": _webp()},
-            {"name": "c.gif", "mimeType": "image/gif", "buffer": _gif()},
+            {"name": "b.webp", "mimeType": "image/webp", "buffer": png_bytes((40, 40), (120, 120, 0), "WEBP")},
+            {"name": "c.gif", "mimeType": "image/gif", "buffer": png_bytes((40, 40), (0, 0, 200), "GIF")},
         ],
     )
     expect(page.locator(".attachment")).to_have_count(4)
@@ -332,18 +190,6 @@ def test_paste_attaches_images_and_clear_starts_over(chat: ChatPage) -> None:
     chat.ask("A fresh start.")
     chat.wait_answer("done")
     assert len(chat.bodies()[1]["messages"]) == 1  # nothing of the cleared conversation
-
-
-def _webp() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), (120, 120, 0)).save(buffer, "WEBP")
-    return buffer.getvalue()
-
-
-def _gif() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("P", (40, 40), 3).save(buffer, "GIF")
-    return buffer.getvalue()
 
 
 def cancelled_lines(server: ServeProcess) -> list[str]:
@@ -475,7 +321,7 @@ def test_model_html_is_shown_as_text_with_line_breaks_and_code_blocks(chat: Chat
     # The render function itself, on text a stream can cut anywhere (an unterminated fence).
     html = page.evaluate(
         """async () => {
-            const { renderText } = await import('/static/app.js');
+            const { renderText } = await import('/static/js/render.js');
             const div = document.createElement('div');
             div.append(renderText('<img src=x onerror=alert(1)>\\n```js\\nlet a = "<b>";'));
             return div.innerHTML;
@@ -487,13 +333,136 @@ def test_model_html_is_shown_as_text_with_line_breaks_and_code_blocks(chat: Chat
 
 def test_sample_images_from_the_generator_are_offered(chat: ChatPage) -> None:
     page = chat.page
-    first = json.loads((ROOT / "serve_app" / "web" / "static" / "samples" / "index.json").read_text())["samples"][0]
+    first = json.loads((STATIC / "samples" / "index.json").read_text())["samples"][0]
     sample = page.get_by_role("button", name=re.compile(f"Attach sample image: {re.escape(first['title'])}"))
     expect(sample).to_be_visible()
     chat.shot("07-samples")
     sample.click()
     expect(page.locator(".attachment")).to_have_count(1)
     expect(page.locator("#prompt")).to_have_value(first["prompt"])
+
+
+# ---- sampling controls: the model's generation defaults -------------------------------------
+
+
+def test_sampling_controls_start_from_the_served_models_defaults(chat: ChatPage) -> None:
+    """The real server's `generation_defaults` on GET /v1/models: the page shows them, and leaves
+    untouched controls out of the request so the server applies them itself."""
+    page = chat.page
+    chat.wait_for_models()
+    model = next(m for m in chat.served_models() if m["id"] == page.input_value("#model"))
+    defaults = model["generation_defaults"]
+    assert defaults["temperature"] == 0  # the demo checkpoint answers best greedily
+    expect(page.locator("#temperature-value")).to_have_text(f"{defaults['temperature']:.2f}")
+    assert float(page.input_value("#temperature")) == defaults["temperature"]
+    for field, selector in (("top_p", "#top-p"), ("max_tokens", "#max-tokens")):
+        if defaults.get(field) is not None:
+            assert float(page.input_value(selector)) == defaults[field], field
+    expect(page.locator("#sampling-reset")).to_be_hidden()
+    chat.shot("12-sampling-defaults")
+
+    page.set_input_files("#file-input", files=[{"name": "red.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    chat.ask("What color is this?")
+    chat.wait_answer("done")
+    (first,) = chat.bodies()
+    assert not SAMPLING_FIELDS & first.keys(), first
+
+    # Moved by the user (with the keyboard, one step up): sent; the others still are not.
+    page.focus("#temperature")
+    page.keyboard.press("ArrowRight")
+    stepped = round(defaults["temperature"] + 0.05, 2)
+    expect(page.locator("#temperature-value")).to_have_text(f"{stepped:.2f}")
+    expect(page.locator("#sampling-reset")).to_be_visible()
+    chat.ask("And what shape?")
+    chat.wait_answer("done")
+    second = chat.bodies()[1]
+    assert second["temperature"] == pytest.approx(stepped)
+    assert not (SAMPLING_FIELDS - {"temperature"}) & second.keys(), second
+
+
+def test_sampling_controls_follow_the_picked_model_until_the_user_changes_one(
+    browser: Any, server: ServeProcess
+) -> None:
+    """Two models, one with defaults and one without: the demo server serves one model, so this
+    test answers GET /v1/models and the chat requests in the browser."""
+    served = {
+        "object": "list",
+        "data": [
+            {
+                "id": "tuned",
+                "object": "model",
+                "created": 0,
+                "owned_by": "vlm-serve",
+                "generation_defaults": {"temperature": 0.3, "top_p": 0.9, "max_tokens": 64, "top_k": 20},
+            },
+            {"id": "plain", "object": "model", "created": 0, "owned_by": "vlm-serve"},
+        ],
+    }
+    answer = sse(chunk("ok"), chunk(finish="stop"))
+    chat = ChatPage(browser, server.base_url)
+    page = chat.page
+    page.route(f"**{MODELS}", lambda route: route.fulfill(json=served))
+    page.route(
+        f"**{CHAT}", lambda route: route.fulfill(status=200, body=answer, headers={"Content-Type": "text/event-stream"})
+    )
+    chat.open()
+    chat.wait_for_models()
+    temperature, top_p, max_tokens = page.locator("#temperature"), page.locator("#top-p"), page.locator("#max-tokens")
+    reset = page.locator("#sampling-reset")
+
+    def ask_and_body(text: str) -> dict:
+        chat.ask(text)
+        chat.wait_answer("done")
+        return chat.bodies()[-1]
+
+    expect(page.locator("#temperature-value")).to_have_text("0.30")
+    expect(temperature).to_have_value("0.3")
+    expect(top_p).to_have_value("0.9")
+    expect(max_tokens).to_have_value("64")
+    expect(reset).to_be_hidden()
+    body = ask_and_body("One.")
+    assert body["model"] == "tuned" and not SAMPLING_FIELDS & body.keys(), body
+
+    # A model that gives no defaults: the controls say the server decides, and nothing is sent.
+    page.select_option("#model", "plain")
+    expect(page.locator("#temperature-value")).to_have_text("server default")
+    expect(page.locator("#top-p-value")).to_have_text("server default")
+    expect(max_tokens).to_have_value("")
+    body = ask_and_body("Two.")
+    assert body["model"] == "plain" and not SAMPLING_FIELDS & body.keys(), body
+
+    # A control the user moved is sent, and keeps its value when the model changes; the rest follow.
+    page.fill("#temperature", "0.5")
+    expect(reset).to_be_visible()
+    body = ask_and_body("Three.")
+    assert body["temperature"] == 0.5 and not (SAMPLING_FIELDS - {"temperature"}) & body.keys(), body
+    page.select_option("#model", "tuned")
+    expect(page.locator("#temperature-value")).to_have_text("0.50")
+    expect(top_p).to_have_value("0.9")
+    expect(max_tokens).to_have_value("64")
+    body = ask_and_body("Four.")
+    assert body["temperature"] == 0.5 and not (SAMPLING_FIELDS - {"temperature"}) & body.keys(), body
+
+    # A typed max tokens is sent too; clearing the box sends none again.
+    chat.set_max_tokens(12)
+    assert ask_and_body("Five.")["max_tokens"] == 12
+    chat.set_max_tokens(None)
+    assert "max_tokens" not in ask_and_body("Six.")
+
+    # The moved value is kept in this browser, until "Use the model's defaults" forgets it.
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    chat.wait_for_models()
+    expect(page.locator("#model")).to_have_value("tuned")
+    expect(page.locator("#temperature-value")).to_have_text("0.50")
+    reset.click()
+    expect(page.locator("#temperature-value")).to_have_text("0.30")
+    expect(temperature).to_have_value("0.3")
+    expect(reset).to_be_hidden()
+    body = ask_and_body("Seven.")
+    assert not SAMPLING_FIELDS & body.keys(), body
+    chat.assert_clean()
+    chat.close()
 
 
 def test_phone_width(browser: Any, server: ServeProcess) -> None:
@@ -523,8 +492,9 @@ def test_phone_width(browser: Any, server: ServeProcess) -> None:
 
 
 def test_static_files_stay_inside_the_static_folder() -> None:
-    from serve_app.web.router.router import router as web
     from starlette.exceptions import HTTPException
+
+    from serve_app.web import router as web
 
     assert web._file("index.html") == web.STATIC_DIR.resolve() / "index.html"
     for name in ("../web.py", "../../pyproject.toml", "/etc/passwd", "samples/../../web.py", ".hidden", ""):
@@ -547,7 +517,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProce
         "api_keys": [KEY, {"name": "limited", "key": LIMITED_KEY, "requests_per_minute": 1}],
         "max_request_bytes": BODY_CAP,
     }
-    config = config_for_tests(serving.free_port(), overrides={"ingress": ingress})
+    config = serving.config_for_tests(serving.free_port(), overrides={"ingress": ingress})
     try:
         process = serving.start_server(
             tmp_path_factory.mktemp("serve-auth"),
