@@ -3,40 +3,41 @@
     python benchmarks/engine_bench.py                                   # demo model, CPU-sized
     python benchmarks/engine_bench.py --model configs/models/demo.yaml --batch-sizes 1,2 --new-tokens 4
     python benchmarks/engine_bench.py --random-glm46v-shape --batch-sizes 1,8,32 --new-tokens 128 \\
-        --image-size 448x448 --json $OUT/engine.json                   # on a GPU: issue 7's workload
+        --image-size 448x448 --json $OUT/engine.json                   # on a GPU: the production shape
     python benchmarks/engine_bench.py --random-glm46v-shape --batch-sizes 1,8,32 --new-tokens 128 \\
         --image-size 448x448 --engines continuous --cuda-graphs --compile --json $OUT/engine-graphs.json
 
 Each concurrency level B makes B requests, each with one image of `--image-size` (distinct pixels
-per row) and `--prompt`, prepared by the engine itself (`Engine.prepare`: chat template, image
-tokens). The same prepared rows then run, in the same process and order:
-- baseline: plain `model.generate()` on the engine's left-padded collation, greedy, with
+per row) and `--prompt`, prepared as the server prepares them (chat template, image tokens). The
+same prepared rows then run, in the same process and order:
+- baseline: plain `model.generate()` on the engines' left-padded collation, greedy, with
   `min_new_tokens = max_new_tokens = N` (exactly N tokens; end-of-sequence is suppressed);
-- engine: `Engine.generate_batch` with `SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)`;
-- continuous: the same rows through `ContinuousEngine.generate_batch` (engine/continuous: slot
-  KV cache, per-step admission; `--cuda-graphs`/`--compile` as in the model YAML's `continuous:`).
+- engine: the generate() engine (`GenerateEngine`) with `SamplingParams(max_tokens=N, temperature=0,
+  ignore_eos=True)`;
+- continuous: the same rows through the continuous engine (`ContinuousEngine`: slot KV cache,
+  per-step admission; `--cuda-graphs`/`--compile` as in the model YAML's `continuous:`).
 `--engines` picks which of the two run (both by default); the baseline always runs.
-Figures per path: TTFT (call -> the first generated token on the host: for the engine, the first
-token its detokenizer receives, which the first `on_step` callback carries unless the token has no
+Figures per path: TTFT (call -> the first generated token on the host: for the engines, the first
+token their detokenizer receives, which the first `on_step` callback carries unless the token has no
 text (`first_callback_s` reports that call too); for the baseline, the first stopping-criterion call
-of `generate()`, after a device sync), wall time, output tok/s per sequence (N / wall, and decode-only (N-1) / (wall - TTFT)
-as in the issue's table) and total output tok/s; the ratio to the baseline; and whether each
-path's greedy tokens equal `generate()`'s, row by row.
+of `generate()`, after a device sync), wall time, output tok/s per sequence (N / wall, and
+decode-only (N-1) / (wall - TTFT)) and total output tok/s; the ratio to the baseline; and whether
+each path's greedy tokens equal `generate()`'s, row by row.
 
 For the continuous engine at B > 1 an arrival is also measured: B-1 rows decode, and after
 `--arrival-after` of their steps one more request (the B-th row) is submitted; reported are its
-time to first token and the decode steps launched between its arrival and its first token (the
-issue's target: within 2 steps plus its own prefill), next to the running rows' step time. With
-`--sustained K` the continuous engine also runs K x B requests with B in flight, each finished one
-replaced at once (a closed loop, as `vlm-serve bench --concurrency B --num-requests K*B` drives a
-server): the baseline for the serving overhead of a sustained load rather than one burst.
+time to first token and the decode steps launched between its arrival and its first token (at most
+2 plus its own prefill, by design), next to the running rows' step time. With `--sustained K` the
+continuous engine also runs K x B requests with B in flight, each finished one replaced at once (a
+closed loop, as `vlm-serve bench --concurrency B --num-requests K*B` drives a server): the baseline
+for the serving overhead of a sustained load rather than one burst.
 
-`--random-glm46v-shape` builds a GLM-4.6V-Flash-shaped model (transformers' default `Glm46VConfig`,
-10.3B parameters, random weights, as ../shared/probes/hfbase.py did) with the demo tokenizer and
-GLM-4.6V's default image processor (448x448 -> 256 image tokens); `--tiny` shrinks it to
-hfbase.py's CPU size to try the path anywhere. `--weights gptq4` serves its decoder linears as a
-GPTQ-4 checkpoint (group size 128) is served: rounded to gptqmodel's 4-bit layout, then repacked for
-PyTorch's int4 matmul by the server's own code (engine/quant/int4_linear.py).
+`--random-glm46v-shape` builds a GLM-4.6V-Flash-shaped model (`benchmarks.common.glm46v_shape`:
+10.3B parameters, random weights) with the demo tokenizer and GLM-4.6V's default image processor
+(448x448 -> 256 image tokens); `--tiny` shrinks it to a CPU's size to try the path anywhere.
+`--weights gptq4` serves its decoder linears as a GPTQ-4 checkpoint (group size 128) is served:
+rounded to gptqmodel's 4-bit layout, then repacked for PyTorch's int4 matmul by the server's own
+code (engine/quant/int4_linear.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import statistics
 import sys
 import time
@@ -55,151 +55,24 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks.common
 
-from benchmarks.glm46v_shape import glm46v_shape
-from engine.continuous import ContinuousEngine
-from engine.generate import engine as engine_module
-from engine.generate.engine import DTYPES, Engine, PreparedRequest
-from serve_app.settings import ContinuousEngineSettings, ModelSettings, resolve_path
-from serve_app.stage_types import (
-    GenerationRequest,
-    ImagePart,
-    PreprocessedImage,
-    PromptMessage,
-    SamplingParams,
-    TextPart,
+from benchmarks.common import (
+    add_model_arguments,
+    load_from_arguments,
+    make_requests,
+    parse_size,
+    sync,
+    weight_bytes,
+    with_tokens,
 )
-
-# ---- building the engine ---------------------------------------------------------------------
-
-
-def settings_for(model: str, device: str | None, dtype: str | None) -> ModelSettings:
-    """A model YAML (configs/models/*.yaml) or a checkpoint directory / hub id, with overrides."""
-    if model.endswith((".yaml", ".yml")) and resolve_path(model).is_file():
-        settings = ModelSettings.from_yaml(model)
-    else:
-        settings = ModelSettings(id=Path(model).name or model, path=model)
-    update = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
-    return settings.model_copy(update=update) if update else settings
-
-
-def random_glm46v_engine(device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0,
-                         weights: str = "float") -> Engine:
-    """GLM-4.6V-Flash's shape (glm46v_shape.py) with random weights, made on `device`; with
-    `weights="gptq4"` its decoder linears are then quantized and served as a GPTQ-4 checkpoint is."""
-    import transformers as t
-
-    config, processor, generation = glm46v_shape(tiny)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = t.Glm46VForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    model.generation_config = generation
-    name = "glm-4.6v-flash-random" + ("-gptq4" if weights == "gptq4" else "") + ("-tiny" if tiny else "")
-    if weights == "gptq4":
-        gptq4_weights(model, torch.bfloat16 if device.type == "cuda" else dtype)
-    settings = ModelSettings(id=name, path="(random weights)", device=str(device),
-                             dtype={v: k for k, v in DTYPES.items()}[dtype], max_model_len=16384)
-    return Engine(settings, model, processor, device)
-
-
-def gptq4_weights(model: torch.nn.Module, activations: torch.dtype, group_size: int = 128) -> None:
-    """The random model as a GPTQ-4 checkpoint (g128, symmetric) is served on this device: its decoder
-    linears rounded to gptqmodel's 4-bit layout (gptq_memory.py: round-to-nearest, the same sizes as
-    GPTQ-solved values), then repacked by the server's own `repack_gptq` (engine/quant/int4_linear.py).
-    Checks, on this device, a repacked layer against the dequantized GPTQ weights, and its decode-step
-    road (tinygemm) against its prompt road (dequantize + matmul)."""
-    from benchmarks.gptq_memory import GPTQ4Linear, quantize_language_model
-    from engine.quant.int4_linear import Int4Linear, repack_gptq
-
-    probe = GPTQ4Linear.from_linear(model.model.language_model.layers[0].self_attn.q_proj, group_size)
-    x = torch.randn(3, probe.in_features, device=probe.qweight.device, dtype=torch.float32)
-    reference = x @ probe.dequantize().float()
-    got = Int4Linear.from_gptq(probe.qweight, probe.qzeros, probe.scales, group_size, dtype=activations)(x)
-    error = ((got.float() - reference).abs().max() / reference.abs().max()).item()
-    print(f"GPTQ-4 repacked for tinygemm: relative error {error:.4f} against the dequantized weights "
-          f"({activations} activations)", flush=True)
-    if error > 0.02:
-        raise SystemExit("the repacked int4 layer does not match the GPTQ weights")
-    quantized = quantize_language_model(model, group_size)
-    print(f"GPTQ-4: {quantized} decoder linears quantized, {repack_gptq(model, activations)} repacked", flush=True)
-    # The layer's two roads on the same rows: as a decode step (tinygemm) and as a prompt (dequantized).
-    layer = model.model.language_model.layers[0].self_attn.o_proj
-    rows = torch.randn(3, 1, layer.in_features, device=x.device, dtype=activations)
-    step, prompt = layer(rows)[:, 0].float(), layer(rows.transpose(0, 1))[0].float()
-    error = ((step - prompt).abs().max() / prompt.abs().max()).item()
-    print(f"GPTQ-4 tinygemm vs dequantized road: relative difference {error:.4f}", flush=True)
-    if error > 0.02:
-        raise SystemExit("the int4 layer's two roads disagree")
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (the int4 layers' fused
-    q/k/v codes are views shared with the separate projections)."""
-    storages = {}
-    for tensor in (*model.parameters(), *model.buffers()):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that pick the model, shared by the benchmarks that load one with `load_engine`."""
-    parser.add_argument("--model", default="configs/models/demo.yaml", help="a model YAML, checkpoint dir or hub id")
-    parser.add_argument("--random-glm46v-shape", action="store_true",
-                        help="a GLM-4.6V-Flash-shaped model with random weights instead of --model")
-    parser.add_argument("--tiny", action="store_true", help="with --random-glm46v-shape: hfbase.py's CPU size")
-    parser.add_argument("--weights", choices=["float", "gptq4"], default="float",
-                        help="with --random-glm46v-shape: gptq4 serves the decoder linears as a GPTQ-4 checkpoint "
-                             "(group size 128) is on this device (tinygemm)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
-    parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES])
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def load_engine(args: argparse.Namespace) -> Engine:
-    if args.random_glm46v_shape:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = DTYPES[args.dtype] if args.dtype and args.dtype != "auto" else (
-            torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return random_glm46v_engine(device, dtype, tiny=args.tiny, seed=args.seed, weights=args.weights)
-    return Engine.load(settings_for(args.model, args.device, args.dtype))
-
-
-# ---- requests ----------------------------------------------------------------------------------
-
-
-def make_image(engine: Engine, size: tuple[int, int], seed: int) -> PreprocessedImage:
-    """Random coloured blocks of `size`, through the model's image processor as the preprocessor does
-    (which sends the pixels in the model's dtype where its YAML names one, as the GPU configs do)."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    blocks = Image.frombytes("RGB", (8, 8), bytes(rng.randrange(256) for _ in range(8 * 8 * 3)))
-    image = blocks.resize(size, Image.Resampling.NEAREST)
-    image_processor = engine.processor.image_processor
-    features = image_processor(images=[image], return_tensors="pt")
-    t_, h, w = (int(v) for v in features["image_grid_thw"][0])
-    merge = getattr(image_processor, "merge_size", 1) ** 2
-    pixels = features["pixel_values"].to(engine.model.dtype)
-    return PreprocessedImage(pixels, (t_, h, w), *size, tokens=t_ * h * w // merge)
-
-
-def make_requests(engine: Engine, count: int, image_size: tuple[int, int] | None, prompt: str,
-                  new_tokens: int, seed: int) -> list[PreparedRequest]:
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    prepared = []
-    for i in range(count):
-        images = [make_image(engine, image_size, seed * 100_003 + i)] if image_size else []
-        parts = (ImagePart(), TextPart(prompt)) if images else (TextPart(prompt),)
-        prepared.append(engine.prepare(GenerationRequest([PromptMessage("user", parts)], images, params)))
-    return prepared
-
-
-def with_tokens(batch: list[PreparedRequest], n: int) -> list[PreparedRequest]:
-    return [replace(r, max_tokens=n, sampling=replace(r.sampling, max_tokens=n)) for r in batch]
-
+from engine.continuous.engine import ContinuousEngine
+from engine.detokenizer import Detokenizer
+from engine.generate.engine import GenerateEngine
+from engine.loader import LoadedModel
+from engine.prompts import PreparedRequest
+from engine.protocol import Engine
+from serve_app.settings import ContinuousEngineSettings
 
 # ---- the two paths -----------------------------------------------------------------------------
 
@@ -214,13 +87,8 @@ class Run:
     row_ttft_s: list[float] = field(default_factory=list)  # engine: each row's first token (baseline: all at ttft_s)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
-def run_baseline(engine: Engine, batch: list[PreparedRequest], new_tokens: int) -> Run:
+def run_baseline(loaded: LoadedModel, batch: list[PreparedRequest], new_tokens: int) -> Run:
     """Plain `generate()`: greedy, left-padded, exactly `new_tokens` per row."""
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -229,37 +97,43 @@ def run_baseline(engine: Engine, batch: list[PreparedRequest], new_tokens: int) 
     class FirstStep(StoppingCriteria):  # called once per step, after the new token is appended
         def __call__(self, input_ids, scores, **kwargs):
             if not first:
-                _sync(engine.device)
+                sync(loaded.device)
                 first.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    _sync(engine.device)
+    sync(loaded.device)
     start = time.perf_counter()
-    inputs = engine._collate(batch)
-    out = engine.model.generate(
+    inputs = loaded.collate(batch)
+    out = loaded.model.generate(
         **inputs,
         generation_config=GenerationConfig(
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            eos_token_id=sorted(engine.eos_token_ids), pad_token_id=engine.pad_token_id,
+            eos_token_id=sorted(loaded.eos_token_ids), pad_token_id=loaded.pad_token_id,
         ),
         stopping_criteria=StoppingCriteriaList([FirstStep()]),
     )
-    _sync(engine.device)
+    sync(loaded.device)
     total = time.perf_counter() - start
     tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
-    texts = [engine.tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd") for row in tokens]
+    texts = [loaded.tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd") for row in tokens]
     return Run(first[0] - start, total, tokens, texts)
 
 
 @contextmanager
-def _recording_detokenizers(made: list):
-    """Observe the token ids the engine decodes for each row (rows are made in batch order)."""
-    original = getattr(engine_module, "_Detokenizer", None)
-    if original is None:  # the engine changed: fall back to comparing text only
+def _detokenizers(engine: GenerateEngine | ContinuousEngine, kind: type[Detokenizer]):
+    """Rows `engine` makes meanwhile decode with `kind` (a recording subclass of Detokenizer)."""
+    original = engine.detokenizer_type
+    engine.detokenizer_type = kind
+    try:
         yield
-        return
+    finally:
+        engine.detokenizer_type = original
 
-    class Recording(original):
+
+def _recording(made: list) -> type[Detokenizer]:
+    """A Detokenizer that adds itself to `made` (rows are made in batch order) and notes its first token."""
+
+    class Recording(Detokenizer):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.first_token_at: float | None = None
@@ -270,17 +144,14 @@ def _recording_detokenizers(made: list):
                 self.first_token_at = time.perf_counter()
             return super().add(token)
 
-    engine_module._Detokenizer = Recording
-    try:
-        yield
-    finally:
-        engine_module._Detokenizer = original
+    return Recording
 
 
-def run_engine(engine: Engine, batch: list[PreparedRequest], spread_s: float = 0.0, group: int = 3) -> Run:
+def run_engine(engine: GenerateEngine | ContinuousEngine, batch: list[PreparedRequest], spread_s: float = 0.0,
+               group: int = 3) -> Run:
     """The engine's batch path, as the VLMServer drives it (minus Ray). With `spread_s` (continuous
     engine), the rows arrive in groups of `group`, evenly over that many seconds, as a served burst's
-    requests reach the model replica (RESULTS.md run G), instead of all at once."""
+    requests reach the model replica one `@serve.batch` call at a time, instead of all at once."""
     first: list[float] = []
     texts = [""] * len(batch)
     detokenizers: list = []
@@ -292,8 +163,8 @@ def run_engine(engine: Engine, batch: list[PreparedRequest], spread_s: float = 0
             if chunk is not None:
                 texts[offset + i] += chunk.text
 
-    _sync(engine.device)
-    with _recording_detokenizers(detokenizers):
+    sync(engine.device)
+    with _detokenizers(engine, _recording(detokenizers)):
         start = time.perf_counter()
         if spread_s > 0:
             starts = range(0, len(batch), group)
@@ -306,7 +177,7 @@ def run_engine(engine: Engine, batch: list[PreparedRequest], spread_s: float = 0
                 future.result()
         else:
             engine.generate_batch(batch, on_step)
-        _sync(engine.device)
+        sync(engine.device)
         total = time.perf_counter() - start
     while engine.busy:  # the continuous engine's extra step: each run its own busy period (and log line)
         time.sleep(0.001)
@@ -339,7 +210,7 @@ def run_sustained(engine: ContinuousEngine, batch: list[PreparedRequest], total:
         submitted_at[index] = time.perf_counter()
         return engine.submit([row], on_step)
 
-    _sync(engine.device)
+    sync(engine.device)
     start = time.perf_counter()
     pending = {submit(i) for i in range(min(len(batch), total))}
     sent = len(pending)
@@ -350,7 +221,7 @@ def run_sustained(engine: ContinuousEngine, batch: list[PreparedRequest], total:
         while sent < total and len(pending) < len(batch):
             pending.add(submit(sent))
             sent += 1
-    _sync(engine.device)
+    sync(engine.device)
     wall = time.perf_counter() - start
     while engine.busy:
         time.sleep(0.001)
@@ -410,34 +281,26 @@ def first_difference(a: Run, b: Run) -> int | None:
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def parse_size(value: str) -> tuple[int, int] | None:
-    if value.lower() in ("none", "0", ""):
-        return None
-    w, h = (int(v) for v in value.lower().split("x"))
-    return w, h
-
-
 PATHS = {"engine": "generate", "continuous": "continuous"}  # result key -> --engines name
 
 
-def run_levels(engine: Engine, cengine: ContinuousEngine | None, args: argparse.Namespace) -> dict[str, Any]:
+def run_levels(loaded: LoadedModel, engines: dict[str, Engine], cengine: ContinuousEngine | None,
+               args: argparse.Namespace) -> dict[str, Any]:
     size = parse_size(args.image_size)
-    engines = {"engine": engine if "generate" in args.engines else None, "continuous": cengine}
-    engines = {key: e for key, e in engines.items() if e is not None}
     levels = []
     for b in [int(v) for v in args.batch_sizes.split(",") if v.strip()]:
         t0 = time.perf_counter()
-        batch = make_requests(engine, b, size, args.prompt, args.new_tokens, args.seed)
+        batch = make_requests(loaded, b, size, args.prompt, args.new_tokens, args.seed)
         prepare_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             warm = min(args.new_tokens, 2)
-            run_baseline(engine, batch, warm)
+            run_baseline(loaded, batch, warm)
             for path in engines.values():
                 run_engine(path, with_tokens(batch, warm))
         base_runs: list[Run] = []
         path_runs: dict[str, list[Run]] = {key: [] for key in engines}
         for _ in range(args.repeats):
-            base_runs.append(run_baseline(engine, batch, args.new_tokens))
+            base_runs.append(run_baseline(loaded, batch, args.new_tokens))
             for key, path in engines.items():
                 path_runs[key].append(run_engine(path, batch, args.arrival_spread if key == "continuous" else 0.0,
                                                  args.arrival_group))
@@ -482,9 +345,8 @@ def run_arrival(cengine: ContinuousEngine, batch: list[PreparedRequest], new_tok
     and the decode steps between its arrival and its first token, next to the others' step time."""
     running, late = batch[:-1], with_tokens(batch[-1:], min(new_tokens, 8))
     marks: dict[str, Any] = {}
-    original = engine_module._Detokenizer
 
-    class Watched(original):
+    class Watched(Detokenizer):
         """Hooks the token stream on the engine thread, so steps and times are read exactly."""
 
         made = 0
@@ -507,12 +369,9 @@ def run_arrival(cengine: ContinuousEngine, batch: list[PreparedRequest], new_tok
                     marks["late_future"] = cengine.submit(late, lambda chunks: None)
             return super().add(token)
 
-    engine_module._Detokenizer = Watched
-    try:
+    with _detokenizers(cengine, Watched):
         cengine.submit(running, lambda chunks: None).result()
         marks["late_future"].result()
-    finally:
-        engine_module._Detokenizer = original
     step_times = marks["running_tokens_at"]  # one running row's tokens: one per decode step
     gaps = [b - a for a, b in zip(step_times, step_times[1:])]
     return {
@@ -550,7 +409,7 @@ def print_level(level: dict[str, Any]) -> None:
               f"{a['steps_to_first_token']} decode steps (their step: {step})", flush=True)
 
 
-def continuous_engine(engine: Engine, args: argparse.Namespace) -> ContinuousEngine | None:
+def continuous_engine(loaded: LoadedModel, args: argparse.Namespace) -> ContinuousEngine | None:
     """The continuous engine over the same model, with the command line's engine options."""
     if "continuous" not in args.engines:
         return None
@@ -563,7 +422,7 @@ def continuous_engine(engine: Engine, args: argparse.Namespace) -> ContinuousEng
     update: dict[str, Any] = {"continuous": options}
     if args.max_model_len:
         update["max_model_len"] = args.max_model_len
-    return ContinuousEngine(engine.settings.model_copy(update=update), engine.model, engine.processor, engine.device)
+    return ContinuousEngine(loaded.with_settings(**update))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,28 +486,35 @@ def serve_log_on_stderr():
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     t0 = time.perf_counter()
-    engine = load_engine(args)
+    loaded = load_from_arguments(args)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cengine = continuous_engine(engine, args)
+    cengine = continuous_engine(loaded, args)
     continuous_setup_s = time.perf_counter() - t0
-    params = sum(p.numel() for p in engine.model.parameters())
-    gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else None
-    print(f"model {engine.settings.id} ({params / 1e9:.3f}B parameters, {weight_bytes(engine.model) / 2**30:.2f} GiB "
-          f"of weights and buffers, {engine.model.dtype}) on "
-          f"{gpu or engine.device} | torch {torch.__version__} | load {load_s:.1f}s | image {args.image_size} "
+    engines: dict[str, Engine] = {}
+    if "generate" in args.engines:
+        engines["engine"] = GenerateEngine(loaded)
+    if cengine is not None:
+        engines["continuous"] = cengine
+    model = loaded.model
+    params = sum(p.numel() for p in model.parameters())
+    gpu = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None
+    print(f"model {loaded.settings.id} ({params / 1e9:.3f}B parameters, {weight_bytes(model) / 2**30:.2f} GiB "
+          f"of weights and buffers, {model.dtype}) on "
+          f"{gpu or loaded.device} | torch {torch.__version__} | load {load_s:.1f}s | image {args.image_size} "
           f"| {args.new_tokens} new tokens | prompt {args.prompt!r}", flush=True)
     if cengine is not None:
-        print(f"continuous engine: {cengine.slots} slots x {cengine.cache.max_len} tokens, cuda_graphs="
-              f"{cengine.runner.use_graphs}, compile={cengine.runner.compiled}, set up in {continuous_setup_s:.1f}s "
-              f"({cengine.runner.captured} graphs captured)", flush=True)
+        steps = cengine.runner.steps
+        print(f"continuous engine: {cengine.runner.slots} slots x {cengine.runner.max_len} tokens, cuda_graphs="
+              f"{steps.use_graphs}, compile={steps.compiled}, set up in {continuous_setup_s:.1f}s "
+              f"({steps.captured} graphs captured)", flush=True)
     print(_HEADER, flush=True)
     try:
-        result = run_levels(engine, cengine, args)
+        result = run_levels(loaded, engines, cengine, args)
     finally:
-        if cengine is not None:
-            cengine.close()
-    if cengine is not None and args.cuda_graphs and not cengine.runner.use_graphs:
+        for engine in engines.values():
+            engine.close()
+    if cengine is not None and args.cuda_graphs and not cengine.runner.steps.use_graphs:
         print("WARNING: the continuous engine ran without CUDA graphs (not CUDA, or a capture failed: see the log)")
     for key in PATHS:
         if all(key in lv for lv in result["levels"]):
@@ -656,10 +522,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             print(f"greedy outputs of {key} == generate(): " + ("yes, at every level" if same else "NO"))
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "model": engine.settings.id,
+        "model": loaded.settings.id,
         "parameters": params,
-        "dtype": str(engine.model.dtype),
-        "device": gpu or str(engine.device),
+        "dtype": str(model.dtype),
+        "device": gpu or str(loaded.device),
         "torch": torch.__version__,
         "load_s": load_s,
         "new_tokens": args.new_tokens,
@@ -667,14 +533,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "prompt": args.prompt,
         "engines": sorted(args.engines),
         **({"continuous_engine": {
-            "max_slots": cengine.slots, "max_len": cengine.cache.max_len, "cuda_graphs": cengine.runner.use_graphs,
-            "compile": cengine.runner.compiled, "compile_mode": args.compile_mode if cengine.runner.compiled else None,
-            "setup_s": continuous_setup_s, "graphs_captured": cengine.runner.captured,
+            "max_slots": cengine.runner.slots, "max_len": cengine.runner.max_len,
+            "cuda_graphs": cengine.runner.steps.use_graphs, "compile": cengine.runner.steps.compiled,
+            "compile_mode": args.compile_mode if cengine.runner.steps.compiled else None,
+            "setup_s": continuous_setup_s, "graphs_captured": cengine.runner.steps.captured,
         }} if cengine is not None else {}),
         **result,
     }
-    if engine.device.type == "cuda":
-        report["peak_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+    if loaded.device.type == "cuda":
+        report["peak_memory_gib"] = torch.cuda.max_memory_allocated(loaded.device) / 2**30
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"written to {args.json}")

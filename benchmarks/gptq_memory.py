@@ -5,7 +5,7 @@
     python benchmarks/gptq_memory.py --check-layout      # CPU: our packing == gptqmodel's
 
 The model is `Glm46VForConditionalGeneration` with transformers' default `Glm46VConfig` (the
-GLM-4.6V-Flash sizes; built as in /work/shared/probes/hfbase.py), random weights, on one GPU.
+GLM-4.6V-Flash sizes), random weights, on one GPU.
 
 `--mode gptq4` turns every linear layer of the language model's decoder layers (q/k/v/o,
 gate_up_proj, down_proj) into the GPTQ-4 storage that gptqmodel writes and loads
@@ -23,95 +23,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-PACK = 8  # 4-bit values per int32
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks.common
 
-
-class GPTQ4Linear(nn.Module):
-    """A linear layer stored as gptqmodel's GPTQ (v1) 4-bit buffers; forward dequantizes."""
-
-    def __init__(self, in_features: int, out_features: int, group_size: int, bias: torch.Tensor | None, device) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = math.ceil(in_features / group_size)
-        self.register_buffer("qweight", torch.empty(in_features // PACK, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.empty(groups, out_features // PACK, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
-        self.register_buffer(
-            "g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // group_size
-        )
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("_shifts", torch.arange(0, 32, 4, dtype=torch.int32, device=device), persistent=False)
-
-    @classmethod
-    @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> GPTQ4Linear:
-        w = linear.weight  # [out, in]
-        out_f, in_f = w.shape
-        q = cls(in_f, out_f, group_size, linear.bias, w.device)
-        groups = in_f // group_size
-        wg = w.float().reshape(out_f, groups, group_size)
-        # Symmetric 4-bit: zero point 8, scale = max|w| / 7.5 (gptqmodel's sym range is 2*max/15).
-        scale = (wg.abs().amax(-1) * 2 / 15).clamp_min(1e-6).half().float()  # [out, groups], fp16 as stored
-        ints = torch.clamp(torch.round(wg / scale[..., None]) + 8, 0, 15).to(torch.int32)  # [out, g, gs]
-        ints = ints.reshape(out_f, in_f).t().contiguous()  # [in, out]
-        q.qweight.copy_(_pack_rows(ints))
-        q.scales.copy_(scale.t().to(torch.float16))
-        zeros = torch.full((groups, out_f), 8 - 1, dtype=torch.int32, device=w.device)  # v1 stores zero - 1
-        q.qzeros.copy_(_pack_rows(zeros.t().contiguous()).t().contiguous())
-        return q
-
-    def dequantize(self) -> torch.Tensor:
-        ints = (self.qweight[:, None, :] >> self._shifts[None, :, None]) & 0xF  # [in/8, 8, out]
-        ints = ints.reshape(self.in_features, self.out_features)
-        zeros = (self.qzeros[:, :, None] >> self._shifts[None, None, :]) & 0xF  # [g, out/8, 8]
-        zeros = zeros.reshape(-1, self.out_features) + 1
-        g = self.g_idx.long()
-        return (self.scales[g].to(torch.bfloat16) * (ints - zeros[g]).to(torch.bfloat16))  # [in, out]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.to(torch.bfloat16) @ self.dequantize()
-        return out + self.bias if self.bias is not None else out
-
-
-def _pack_rows(ints: torch.Tensor) -> torch.Tensor:
-    """[R, C] int32 of 4-bit values -> [R/8, C]: row 8i+k goes to bits 4k..4k+3 of row i."""
-    r, c = ints.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=ints.device)
-    parts = ints.reshape(r // PACK, PACK, c) << shifts[None, :, None]
-    packed = torch.zeros(r // PACK, c, dtype=torch.int32, device=ints.device)
-    for k in range(PACK):
-        packed |= parts[:, k, :]
-    return packed
-
-
-def quantize_language_model(model: nn.Module, group_size: int = 128) -> int:
-    layers = model.model.language_model.layers
-    count = 0
-    for layer in layers:
-        for parent_name in ("self_attn", "mlp"):
-            parent = getattr(layer, parent_name)
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, GPTQ4Linear.from_linear(child, group_size))
-                    del child
-                    count += 1
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return count
+from benchmarks.common import GPTQ4Linear, quantize_language_model
 
 
 def build_model(device: str, tiny: bool = False):
     import transformers as t
 
     cfg = t.Glm46VConfig()
-    if tiny:  # a smoke-test size (as hfbase.py --tiny), for checking the script on CPU
+    if tiny:  # a smoke-test size, for checking the script on CPU
         cfg.text_config.update({"hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 256,
                                     "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 151552})
         cfg.vision_config.update({"hidden_size": 64, "depth": 2, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 256})

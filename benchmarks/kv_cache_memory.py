@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the project's packages, installed or not
 
-from engine.generate.engine import DTYPES  # noqa: E402
-from engine.quant.gptq import generation_kwargs  # noqa: E402
-from serve_app.settings import QuantizationSettings  # noqa: E402
+from engine.loader import DTYPES
+from engine.quant.gptq import generation_kwargs
+from serve_app.settings import QuantizationSettings
 
 
 def tensors_in(obj: Any, seen: set[int]) -> int:

@@ -5,7 +5,7 @@
 `engine.json` is `benchmarks/engine_bench.py --json` (the continuous engine, no Ray, no HTTP);
 each `e2e-cN.json` is `vlm-serve bench --concurrency N --out` against a server running the same
 model and engine settings (tools/device_e2e.sh makes both in one run). Per concurrency level it
-prints both output tok/s, their ratio and the overhead (1 - ratio; issue 7's target: <= 5% at 32),
+prints both output tok/s, their ratio and the overhead (1 - ratio; the target: at most 5% at 32),
 and the engine's time to first token next to the HTTP client's P50.
 
 The workloads match where `vlm-serve bench` sends N requests at concurrency N (one burst, as the

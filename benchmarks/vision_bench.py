@@ -2,7 +2,7 @@
 
     python benchmarks/vision_bench.py --random-glm46v-shape --dtype bfloat16 --batch-sizes 1,8,32
 
-For each number of images B (`--image-size` each, as engine_bench.py makes them), the median of
+For each number of images B (`--image-size` each, made by `benchmarks.common.make_requests`), the median of
 `--repeats` runs of `get_image_features`, each ended by a device synchronisation, for:
 - sdpa: transformers' vision attention as loaded (SDPA image by image): the baseline;
 - varlen: `engine/models/glm4v/vision.py`'s attention (one FlashAttention call per block);
@@ -27,27 +27,26 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks.common
 
-from benchmarks.engine_bench import _sync, add_model_arguments, load_engine, make_requests  # noqa: E402
-from engine.continuous.engine import compiled_graphs  # noqa: E402
-from engine.models.glm4v import vision  # noqa: E402
+from benchmarks.common import add_model_arguments, load_from_arguments, make_requests, sync
+from engine.continuous.runner import compiled_graphs
+from engine.models.glm4v import vision
 
 
 @torch.inference_mode()
-def encode(engine, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return torch.cat(engine.model.model.get_image_features(pixels, grid).pooler_output)
+def encode(loaded, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return torch.cat(loaded.model.model.get_image_features(pixels, grid).pooler_output)
 
 
-def timed(engine, pixels, grid, repeats: int) -> tuple[float, torch.Tensor]:
-    features = encode(engine, pixels, grid)  # warm-up (and compilation)
+def timed(loaded, pixels, grid, repeats: int) -> tuple[float, torch.Tensor]:
+    features = encode(loaded, pixels, grid)  # warm-up (and compilation)
     times = []
     for _ in range(repeats):
-        _sync(engine.device)
+        sync(loaded.device)
         start = time.perf_counter()
-        encode(engine, pixels, grid)
-        _sync(engine.device)
+        encode(loaded, pixels, grid)
+        sync(loaded.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), features
 
@@ -62,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    engine = load_engine(args)
+    loaded = load_from_arguments(args)
     sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
     width, height = (int(v) for v in args.image_size.split("x"))
 
     def images(b: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        collated = engine._collate(make_requests(engine, b, size, "Describe.", 1, args.seed))
+        collated = loaded.collate(make_requests(loaded, b, size, "Describe.", 1, args.seed))
         return collated["pixel_values"], collated["image_grid_thw"]
 
     inputs = {b: images(b, (width, height)) for b in sizes}
@@ -76,25 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, float]] = {}
     reference: dict[int, torch.Tensor] = {}
     with torch.inference_mode():  # float32 references, before any variant changes the tower
-        visual32 = copy.deepcopy(engine.model.model.visual).float()
+        visual32 = copy.deepcopy(loaded.model.model.visual).float()
         for b, (pixels, grid) in inputs.items():
             reference[b] = visual32(pixels.float(), grid_thw=grid).pooler_output
         del visual32
     gaps: dict[str, float] = {}
     graphs = None
     for variant in ("sdpa", "varlen", "varlen+compile"):
-        if variant == "varlen" and not vision.use_varlen_attention(engine.model, engine.device):
-            print(f"varlen attention unavailable: {vision.unsupported_reason(engine.model, engine.device)}")
+        if variant == "varlen" and not vision.use_varlen_attention(loaded.model, loaded.device):
+            print(f"varlen attention unavailable: {vision.unsupported_reason(loaded.model, loaded.device)}")
             break
         if variant == "varlen+compile":
-            vision.compile_blocks(engine.model, "default")
+            vision.compile_blocks(loaded.model, "default")
             with torch.inference_mode():
-                encode(engine, *vision.warm_up_images(engine.model, engine.device))
+                encode(loaded, *vision.warm_up_images(loaded.model, loaded.device))
             before = compiled_graphs()
         results[variant] = {}
         gap = 0.0
         for b in sizes:
-            seconds, features = timed(engine, *inputs[b], args.repeats)
+            seconds, features = timed(loaded, *inputs[b], args.repeats)
             results[variant][b] = seconds
             error = (features.float() - reference[b]).abs().max() / reference[b].abs().max()
             gap = max(gap, error.item())
@@ -102,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "varlen+compile":
             with torch.inference_mode():
                 for b in sizes:
-                    encode(engine, *other[b])
+                    encode(loaded, *other[b])
             graphs = compiled_graphs() - before
-    gpu = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else str(engine.device)
-    print(f"vision encoder of {engine.settings.id} ({engine.model.dtype}) on {gpu} | image {args.image_size} | "
+    gpu = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else str(loaded.device)
+    print(f"vision encoder of {loaded.settings.id} ({loaded.model.dtype}) on {gpu} | image {args.image_size} | "
           f"median of {args.repeats}")
     print(f"{'B':>4}" + "".join(f"{v:>16}" for v in results) + f"{'ratio':>9}")
     for b in sizes:

@@ -1,15 +1,11 @@
 """VLMServer: the vision encoder and language model, batching concurrent requests.
 
-Concurrent `generate` calls are gathered by `@serve.batch`; every request gets its own stream back
-through `handle.options(stream=True)`, fed step by step. What a gathered batch becomes depends on
-the engine (`ModelSettings.engine`):
-- the continuous engine (engine/continuous): the batch is handed to the engine's running loop,
-  where its requests join the sequences already decoding at the next step, and `@serve.batch`
-  returns at once, free to gather the next arrivals;
-- the generate() engine: the batch runs through one `generate()` call on a one-thread executor, and
-  the next batch is gathered while it runs.
-With `engine_process: true` in the model's YAML the engine runs in a child process
-(engine/process/engine_process.py) and this replica only prepares requests and streams their chunks.
+Concurrent `generate` calls are gathered by `@serve.batch`, and each gathered batch is handed to the
+engine's running loop (`Engine.submit`, engine/protocol.py); `@serve.batch` returns at once, free to
+gather the next arrivals. Every request gets its own stream back through
+`handle.options(stream=True)`, fed step by step from the engine's callback. Which engine runs is the
+model's settings' choice (`engine`, `engine_process`: engine/factory.py, engine/process/): the
+replica drives them all the same way.
 """
 
 from __future__ import annotations
@@ -26,9 +22,10 @@ from ray import serve
 
 from deployments.admission import AdmissionBudget, Cost
 from deployments.metrics import VLMMetrics
-from engine.continuous import load_engine
-from engine.generate.engine import PreparedRequest
+from engine.factory import load_engine
 from engine.process.engine_process import EngineProcess
+from engine.prompts import PreparedRequest
+from engine.protocol import Engine, StepOutput
 from serve_app.settings import BatchSettings, ModelSettings
 from serve_app.stage_types import GenerationChunk, GenerationRequest, ModelInfo, PreprocessedImage
 
@@ -51,8 +48,8 @@ def coalesce(items: list) -> list:
 
 @dataclass(eq=False)
 class _Stream:
-    """One request's chunks from the continuous engine, fed on the event loop; `ended` is set once
-    its last chunk (or its failure) is in."""
+    """One request's chunks from the engine, fed on the event loop; `ended` is set once its last
+    chunk (or its failure) is in."""
 
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -67,10 +64,11 @@ class _Stream:
 class VLMServer:
     def __init__(self, model_settings: ModelSettings, batching: BatchSettings | None = None) -> None:
         # The engine's loop in a process of its own, or in a thread of this one (ModelSettings.engine_process).
-        self._engine = EngineProcess(model_settings) if model_settings.engine_process else load_engine(model_settings)
-        # One thread: generate() runs one batch at a time, off the event loop that feeds the streams
-        # (the continuous engine has its own thread; this one then only runs health probes).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._engine: Engine = (
+            EngineProcess(model_settings) if model_settings.engine_process else load_engine(model_settings)
+        )
+        # Health probes, off the event loop; one thread, so a probe that hangs never piles up others.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
         self._metrics = VLMMetrics()
         self._in_flight = 0
         self._budget = AdmissionBudget(None, None)
@@ -83,15 +81,16 @@ class VLMServer:
         self._admission_timeout_s = settings.admission_timeout_s
         self._stream_interval_s = settings.stream_interval_s
         self._budget.resize(settings.token_budget, settings.max_images_in_flight)
-        for gather in (self._generate_batch, self._admit_batch):
-            gather.set_max_batch_size(settings.max_batch_size)
-            gather.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._admit_batch.set_max_batch_size(settings.max_batch_size)
+        self._admit_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         logger.info("Batching: max_batch_size=%d wait=%.3fs", settings.max_batch_size, settings.batch_wait_timeout_s)
 
     async def model_info(self) -> ModelInfo:
         s = self._engine.settings
+        prompter = self._engine.prompter
         return ModelInfo(s.id, list(s.aliases), self._engine.quantization, s.max_model_len, str(self._engine.device),
-                         self._budget.max_tokens, self._budget.max_images)
+                         self._budget.max_tokens, self._budget.max_images,
+                         generation_defaults=prompter.sampling_defaults, max_prompt_chars=prompter.max_prompt_chars)
 
     async def generate(self, request: GenerationRequest, *images: PreprocessedImage) -> AsyncIterator[GenerationChunk]:
         """Stream one request's text; errors in the request surface before its first chunk.
@@ -108,10 +107,7 @@ class VLMServer:
         self._in_flight += 1
         self._metrics.queue_depth.set(self._in_flight)
         try:
-            chunks = self._stream_continuous(prepared) if self._engine.continuous else self._generate_batch(prepared)
-            async for chunk in chunks:
-                if chunk is None:
-                    continue
+            async for chunk in self._stream(prepared):
                 yield chunk
                 if chunk.finish_reason is not None:
                     finished = True
@@ -126,38 +122,13 @@ class VLMServer:
             if not finished:
                 self._metrics.cancelled.inc()
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, batch: list[PreparedRequest]):
-        """Yields, per engine step, one entry per request: a chunk, None (nothing new) or StopIteration."""
-        logger.info("Running a batch: batch_size=%d", len(batch))
-        self._metrics.batch_size.observe(len(batch))
-        loop = asyncio.get_running_loop()
-        steps: asyncio.Queue = asyncio.Queue()
-
-        def on_step(chunks: list[GenerationChunk | None]) -> None:
-            loop.call_soon_threadsafe(steps.put_nowait, chunks)
-
-        run = loop.run_in_executor(self._executor, self._engine.generate_batch, batch, on_step)
-        run.add_done_callback(lambda _: steps.put_nowait(_BATCH_DONE))
-        finished = [False] * len(batch)
-        while (step := await steps.get()) is not _BATCH_DONE:
-            out: list = []
-            for i, chunk in enumerate(step):
-                if finished[i]:
-                    out.append(StopIteration)
-                else:
-                    out.append(chunk)
-                    finished[i] = chunk is not None and chunk.finish_reason is not None
-            yield out
-        await run  # re-raises an engine failure to every request of the batch
-
-    async def _stream_continuous(self, prepared: PreparedRequest) -> AsyncIterator[GenerationChunk]:
-        """One request's chunks from the continuous engine; its error, if the engine fails it.
+    async def _stream(self, prepared: PreparedRequest) -> AsyncIterator[GenerationChunk]:
+        """One request's chunks from the engine; its error, if the engine fails it.
 
         Chunks that queued up while this stream waited for the event loop go out as one: each item
         streamed through Ray costs the replica's event loop (and the ingress and proxy after it) about
-        the same whatever its length, and 32 sequences at 110 tokens/s each is more items than one
-        loop serialises without slowing the engine thread, with which it shares the GIL. Under light
+        the same whatever its length, and dozens of sequences at full decode speed make more items than
+        one loop serialises without slowing the engine thread, with which it shares the GIL. Under light
         load nothing queues up and every token goes out as soon as it is decoded, unless
         `stream_interval_s` asks to gather tokens for that long after each chunk (never past the end).
         """
@@ -178,16 +149,16 @@ class VLMServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _admit_batch(self, batch: list[PreparedRequest]) -> list[_Stream]:
-        """Hands a gathered batch to the continuous engine's loop; returns each request's stream."""
+        """Hands a gathered batch to the engine's loop; returns each request's stream."""
         logger.info("Admitting a batch: batch_size=%d (live sequences: %d)", len(batch), self._engine.live)
         self._metrics.batch_size.observe(len(batch))
         loop = asyncio.get_running_loop()
         streams = [_Stream() for _ in batch]
 
-        def deliver(chunks: list[GenerationChunk | None]) -> None:
-            for stream, chunk in zip(streams, chunks):
-                if chunk is not None:
-                    stream.put(chunk)
+        def deliver(entries: list[StepOutput]) -> None:
+            for stream, entry in zip(streams, entries):
+                if entry is not None:  # a chunk, or this request's own error
+                    stream.put(entry)
 
         def close(done: Future) -> None:
             # After every chunk: the engine calls on_step before it completes the future, and
@@ -196,7 +167,7 @@ class VLMServer:
             for stream in streams:
                 stream.put(end)
 
-        future = self._engine.submit(batch, lambda chunks: loop.call_soon_threadsafe(deliver, chunks))
+        future = self._engine.submit(batch, lambda entries: loop.call_soon_threadsafe(deliver, entries))
         future.add_done_callback(lambda done: loop.call_soon_threadsafe(close, done))
         return streams
 

@@ -1,7 +1,7 @@
 """Running the decode step: eagerly, compiled with torch.compile, and/or replayed from CUDA graphs.
 
-Eager PyTorch spends most of a decode step launching kernels (issue 7 measured ~88 ms of host time
-for ~7 ms of GPU work on the GLM-4.6V shape). A CUDA graph launches the whole step at once. A graph
+Eager PyTorch spends most of a small-batch decode step launching kernels: the host's time per step
+is many times the GPU's. A CUDA graph launches the whole step at once. A graph
 replays fixed shapes at fixed addresses, hence:
 - one graph per (batch bucket B, cache span L, sampled or all-greedy): the step runs over slots
   0..B-1 (inactive ones padded in) and attends over cache positions 0..L-1;

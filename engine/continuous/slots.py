@@ -51,12 +51,12 @@ class SlotKVCache:
 
 
 class SlotState:
-    """Per-slot scalars on the device: what the next decode step needs, and what it updates."""
+    """Per-slot values on the device: what the next decode step needs, and what it updates."""
 
-    def __init__(self, slots: int, device: torch.device) -> None:
+    def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
 
-        def make(dtype: torch.dtype, fill: float | bool = 0) -> torch.Tensor:
-            tensor = torch.full((slots,), fill, dtype=dtype, device=device)
+        def make(dtype: torch.dtype, fill: float | bool = 0, width: int | None = None) -> torch.Tensor:
+            tensor = torch.full((slots,) if width is None else (slots, width), fill, dtype=dtype, device=device)
             torch._dynamo.mark_static_address(tensor)
             return tensor
 
@@ -67,12 +67,18 @@ class SlotState:
         self.active = make(torch.bool, False)
         self.min_tokens = make(torch.long)
         self.ignore_eos = make(torch.bool, False)
-        self.temperature = make(torch.float32)
+        self.temperature = make(torch.float32)  # 0: greedy
         self.top_p = make(torch.float32, 1.0)
-        self.seed = make(torch.long)
+        self.top_k = make(torch.long)  # 0: off
+        self.penalty = make(torch.float32, 1.0)  # repetition penalty, 1: off
+        self.seed = make(torch.long)  # the sampler's 32-bit key
+        # Token ids in the slot's prompt or output, for the repetition penalty (one row per slot: a
+        # fixed shape that a captured step can update in place).
+        self.seen = make(torch.bool, False, width=vocab)
         self.next_token = make(torch.long)  # the step's output, read by the host
         self._all = [self.last_token, self.length, self.rope_delta, self.generated, self.active, self.min_tokens,
-                     self.ignore_eos, self.temperature, self.top_p, self.seed, self.next_token]
+                     self.ignore_eos, self.temperature, self.top_p, self.top_k, self.penalty, self.seed, self.seen,
+                     self.next_token]
 
     def move(self, src: int, dst: int) -> None:
         for tensor in self._all:
@@ -81,3 +87,10 @@ class SlotState:
     def clear(self, slot: int) -> None:
         self.active[slot] = False
         self.length[slot] = 0
+
+    @staticmethod
+    def mark_seen(seen: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor) -> None:
+        """Add each active row's token to its row of `seen` (a view of rows of `self.seen`), in place;
+        inactive rows keep theirs (their slot may be a live one paused for a graph capture)."""
+        index = tokens[:, None]
+        seen.scatter_(1, index, seen.gather(1, index) | active[:, None])

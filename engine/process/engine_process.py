@@ -1,17 +1,16 @@
-"""EngineProcess: the engine's loop in a process of its own, driven from the model replica.
+"""EngineProcess: an engine's loop in a process of its own, driven from the model replica.
 
 The model replica's process receives requests through Ray, prepares them (chat template,
 tokenization) and streams their chunks back. With the engine in that same process, all of it
-shares one GIL with the engine thread, whose prefill dispatches hundreds of kernels from Python
-per pass: on an H100 the first prefill pass of a served burst of 32, one prompt, took 140-210 ms
-while the replica received the other 31, against 39-74 ms with the engine in its own process
-(benchmarks/RESULTS.md, run G6). vLLM separates its engine core from its API server for the same
-reason. Here the replica keeps the processor, to prepare requests, and this client; a child
-process loads the model and runs the same engine (`load_engine`), and the two talk over two pipes:
+shares one GIL with the engine thread, whose prefill dispatches hundreds of kernels from Python per
+pass, so request handling and kernel launches slow each other down; vLLM separates its engine core
+from its API server for the same reason. Here the replica keeps the processor, to prepare
+requests, and this client, which offers the engine interface (engine/protocol.py); a child process
+loads the model and runs the engine `load_engine` picks, and the two talk over two pipes:
 
     replica -> engine: settings (JSON, first), then ("submit", group, [PreparedRequest]),
                        ("cancel", group, index), ("probe", job), ("close",)
-    engine -> replica: ("ready", EngineInfo) or ("failed", traceback), then ("step", group, chunks),
+    engine -> replica: ("ready", EngineInfo) or ("failed", traceback), then ("step", group, entries),
                        ("done", group, error or None), ("probed", job, error or None),
                        ("beat", last_step_at, live, busy) twice a second
 
@@ -34,17 +33,16 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from engine.generate.engine import StepCallback
 from engine.process import shared_tensors
 from engine.prompts import PreparedRequest, Prompter
+from engine.protocol import Engine, StepCallback, StepOutput, deliver
 from serve_app.errors import ServiceUnavailableError
 from serve_app.settings import ModelSettings
-from serve_app.stage_types import GenerationRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,15 +55,22 @@ class EngineInfo:
 
     device: str
     quantization: str
-    continuous: bool
+    kind: str  # the engine's class, for the log
 
 
-def _dumps(message: tuple) -> bytes:
+def _portable(error: BaseException | None) -> BaseException | None:
+    """`error` if it pickles, else a RuntimeError with its text (e.g. one that holds a tensor)."""
+    if error is None:
+        return None
     try:
-        return pickle.dumps(message, protocol=5)
-    except Exception:  # noqa: BLE001 - an engine error that does not pickle (e.g. holds a tensor): keep its text
-        *head, error = message
-        return pickle.dumps((*head, RuntimeError(f"{type(error).__name__}: {error}")), protocol=5)
+        pickle.dumps(error, protocol=5)
+        return error
+    except Exception:  # noqa: BLE001 - whatever stops it from pickling
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _portable_entries(entries: list[StepOutput]) -> list[StepOutput]:
+    return [_portable(e) if isinstance(e, BaseException) else e for e in entries]
 
 
 @dataclass
@@ -76,21 +81,18 @@ class _Group:
     files: list[str] = field(default_factory=list)  # its tensors' files, unlinked by the child as it reads them
 
 
-class EngineProcess:
-    """The replica's side: prepares requests and offers the in-process engines' interface
-    (`submit`, `probe`, `busy`, `last_step_at`, `live`, `close`) over the child process."""
-
-    continuous = True  # whichever engine the child runs, requests are submitted and streamed per step
+class EngineProcess(Engine):
+    """The replica's side: prepares requests itself and runs the engine interface over the child."""
 
     def __init__(self, settings: ModelSettings) -> None:
         from transformers import AutoProcessor
 
         from engine.checkpoints import checkpoint_source
 
-        self.settings = settings
+        self._settings = settings
         shared_tensors.sweep()  # tensors a killed replica wrote for a child that never read them
         # The replica builds a missing demo checkpoint itself, so the child only ever loads one.
-        self.prompter = Prompter(settings, AutoProcessor.from_pretrained(checkpoint_source(settings)))
+        self._prompter = Prompter(settings, AutoProcessor.from_pretrained(checkpoint_source(settings)))
         to_child, from_parent = os.pipe()[::-1]
         from_child, to_parent = os.pipe()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -108,16 +110,14 @@ class EngineProcess:
         self._ids = itertools.count()
         self._gone: BaseException | None = None
         self._closing = False
-        self.busy = False
-        self.live = 0
-        self.last_step_at = time.monotonic()
+        self._busy = False
+        self._live = 0
+        self._last_step_at = time.monotonic()
         self._outbox.send_bytes(settings.model_dump_json().encode())
         self._info = self._wait_ready()
-        self.device, self.quantization = self._info.device, self._info.quantization
         self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
         self._reader.start()
-        logger.info("The engine runs in process %d (%s engine on %s)", self._process.pid,
-                    "continuous" if self._info.continuous else "generate()", self.device)
+        logger.info("The engine runs in process %d (%s on %s)", self._process.pid, self._info.kind, self.device)
 
     def _wait_ready(self) -> EngineInfo:
         try:
@@ -129,34 +129,41 @@ class EngineProcess:
             raise RuntimeError(f"the engine process could not load the model:\n{payload}")
         return payload
 
-    # ---- the interface the server uses ---------------------------------------------------------
+    # ---- the engine interface -------------------------------------------------------------------
 
-    def render_prompt(self, request: GenerationRequest) -> str:
-        return self.prompter.render(request)
+    @property
+    def settings(self) -> ModelSettings:
+        return self._settings
 
-    def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        return self.prompter.prepare(request)
+    @property
+    def quantization(self) -> str:
+        return self._info.quantization
+
+    @property
+    def device(self) -> str:
+        return self._info.device
+
+    @property
+    def prompter(self) -> Prompter:
+        return self._prompter
 
     def submit(self, batch: list[PreparedRequest], on_step: StepCallback) -> Future:
-        """Queue `batch` in the child; `on_step` gets each step's chunks on the reader thread."""
+        """Queue `batch` in the child; `on_step` gets each step's entries on the reader thread. A
+        child that is gone fails the future (with a 503-mapped error) rather than raising."""
         group, future = next(self._ids), Future()
         if self._gone is not None:
             future.set_exception(self._gone)
             return future
         self._groups[group] = entry = _Group(batch, on_step, future)
-        if not self.busy:  # the child's beat may be older than this: the stall clock starts now
-            self.last_step_at = time.monotonic()
-        self.busy = True
+        if not self._busy:  # the child's beat may be older than this: the stall clock starts now
+            self._last_step_at = time.monotonic()
+        self._busy = True
         for index, request in enumerate(batch):
             request.engine_row = (group, index)
         entry.files = self._send(("submit", group, batch))
         for request in batch:  # the child has its own now; this replica only streams the text
             request.pixel_values = None
         return future
-
-    def generate_batch(self, batch: list[PreparedRequest], on_step: StepCallback) -> None:
-        """Run `batch` to completion (blocking), as the in-process engines' `generate_batch` does."""
-        self.submit(batch, on_step).result()
 
     def cancel(self, request: PreparedRequest) -> None:
         """The client went away (or the request ended): the child drops the row at its next step."""
@@ -174,7 +181,20 @@ class EngineProcess:
         self._send(("probe", job))
         future.result()
 
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @property
+    def last_step_at(self) -> float:
+        return self._last_step_at
+
+    @property
+    def live(self) -> int:
+        return self._live
+
     def close(self) -> None:
+        """Ask the child to stop its engine and exit; kill it if it does not within 30 s."""
         self._closing = True
         try:
             self._send(("close",))
@@ -208,13 +228,10 @@ class EngineProcess:
             if kind == "step":
                 group = self._groups.get(message[1])
                 if group is not None:
-                    try:
-                        group.on_step(message[2])
-                    except Exception:  # a consumer's error must not stop the others' streams
-                        logger.exception("A step callback failed")
+                    deliver(group.on_step, message[2])
             elif kind == "done":
                 group = self._groups.pop(message[1], None)
-                self.busy = bool(self._groups)  # until the next beat says whether the child still drains
+                self._busy = bool(self._groups)  # until the next beat says whether the child still drains
                 if group is not None:
                     if message[2] is None:
                         group.future.set_result(None)
@@ -225,9 +242,9 @@ class EngineProcess:
                 if probe is not None:
                     probe.set_result(None) if message[2] is None else probe.set_exception(message[2])
             elif kind == "beat":
-                last_step_at, self.live, busy = message[1:]
-                self.last_step_at = max(self.last_step_at, last_step_at)
-                self.busy = busy or bool(self._groups)
+                last_step_at, self._live, busy = message[1:]
+                self._last_step_at = max(self._last_step_at, last_step_at)
+                self._busy = busy or bool(self._groups)
         self._fail_everything()
 
     def _fail_everything(self) -> None:
@@ -250,21 +267,10 @@ class EngineProcess:
             probe.set_exception(self._gone)
         self._groups.clear()
         self._probes.clear()
-        self.busy = False
+        self._busy = False
 
 
 # ---- the child process ----------------------------------------------------------------------------
-
-
-class _OneBatchAtATime:
-    """The generate() engine behind `submit`: batches run one after another on one thread."""
-
-    def __init__(self, engine) -> None:
-        self._engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-
-    def submit(self, batch: list[PreparedRequest], on_step: StepCallback) -> Future:
-        return self._executor.submit(self._engine.generate_batch, batch, on_step)
 
 
 def _child(from_parent: int, to_parent: int) -> int:
@@ -273,7 +279,7 @@ def _child(from_parent: int, to_parent: int) -> int:
     lock = threading.Lock()
 
     def send(message: tuple) -> None:
-        data = _dumps(message)
+        data = pickle.dumps(message, protocol=5)
         with lock:
             outbox.send_bytes(data)
 
@@ -281,31 +287,30 @@ def _child(from_parent: int, to_parent: int) -> int:
                         format=f"%(asctime)s engine-process pid={os.getpid()} %(levelname)s %(name)s: %(message)s")
     settings = ModelSettings.model_validate_json(inbox.recv_bytes())
     try:
-        from engine.continuous import load_engine
+        from engine.factory import load_engine
 
         engine = load_engine(settings)
     except BaseException:  # noqa: BLE001 - reported to the replica, which raises it
         send(("failed", traceback.format_exc()))
         return 1
-    runner = engine if engine.continuous else _OneBatchAtATime(engine)
-    send(("ready", EngineInfo(str(engine.device), engine.quantization, engine.continuous)))
+    send(("ready", EngineInfo(engine.device, engine.quantization, type(engine).__name__)))
     requests: dict[int, list[PreparedRequest]] = {}
 
     def beat() -> None:
         while True:
-            send(("beat", engine.last_step_at, getattr(engine, "live", 0), engine.busy))
+            send(("beat", engine.last_step_at, engine.live, engine.busy))
             time.sleep(_BEAT_S)
 
     def finished(group: int, done: Future) -> None:
         requests.pop(group, None)
-        send(("done", group, done.exception()))
+        send(("done", group, _portable(done.exception())))
 
     def probe(job: int) -> None:
         try:
             engine.probe()
             send(("probed", job, None))
         except Exception as error:  # noqa: BLE001 - reported to the replica
-            send(("probed", job, error))
+            send(("probed", job, _portable(error)))
 
     threading.Thread(target=beat, name="beat", daemon=True).start()
     while True:
@@ -318,22 +323,22 @@ def _child(from_parent: int, to_parent: int) -> int:
             group, batch = message[1], message[2]
             requests[group] = batch
             try:
-                future = runner.submit(batch, lambda chunks, group=group: send(("step", group, chunks)))
+                future = engine.submit(batch, lambda entries, group=group: send(("step", group,
+                                                                               _portable_entries(entries))))
             except Exception as error:  # noqa: BLE001 - e.g. a prompt too long for a slot
                 requests.pop(group, None)
-                send(("done", group, error))
+                send(("done", group, _portable(error)))
                 continue
             future.add_done_callback(lambda done, group=group: finished(group, done))
         elif kind == "cancel":
             batch = requests.get(message[1])
             if batch is not None:
-                batch[message[2]].cancelled = True
+                engine.cancel(batch[message[2]])
         elif kind == "probe":
             threading.Thread(target=probe, args=(message[1],), daemon=True).start()
         elif kind == "close":
             break
-    if hasattr(engine, "close"):
-        engine.close()
+    engine.close()
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -12,15 +14,20 @@ import pytest
 from demo.model import make_demo_model
 from deployments.ingress import Ingress
 from deployments.vlm import VLMServer
-from engine.generate.engine import Engine
+from engine.generate.engine import GenerateEngine
+from engine.loader import load_model
+from engine.protocol import Engine
 from serve_app.errors import ServiceUnavailableError
 from serve_app.settings import ModelSettings
+from tests.engine.test_engine import user_request
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GenerateEngine]:
     path = make_demo_model(tmp_path_factory.mktemp("health") / "demo")
-    return Engine.load(ModelSettings(id="demo", path=str(path)))
+    made = GenerateEngine(load_model(ModelSettings(id="demo", path=str(path))))
+    yield made
+    made.close()
 
 
 def replica(engine: Engine, stall_timeout_s: float = 2.0) -> VLMServer:
@@ -37,20 +44,40 @@ def test_an_idle_model_that_runs_a_step_is_healthy(engine: Engine) -> None:
     asyncio.run(replica(engine).check_health())
 
 
-def test_a_model_that_cannot_run_a_step_fails_the_check(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_that_cannot_run_a_step_fails_the_check(engine: GenerateEngine,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     broken = torch_error()
-    monkeypatch.setattr(engine.model.model.language_model, "forward", broken)
+    monkeypatch.setattr(engine.loaded.model.model.language_model, "forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         asyncio.run(replica(engine).check_health())
 
 
-def test_a_batch_that_stopped_stepping_fails_the_check(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "busy", True)
-    monkeypatch.setattr(engine, "last_step_at", time.monotonic() - 30)
-    with pytest.raises(RuntimeError, match="no step"):
-        asyncio.run(replica(engine, stall_timeout_s=5).check_health())
-    monkeypatch.setattr(engine, "last_step_at", time.monotonic())
-    asyncio.run(replica(engine, stall_timeout_s=5).check_health())  # busy and stepping: healthy
+def test_a_batch_that_stopped_stepping_fails_the_check(engine: GenerateEngine) -> None:
+    """A running batch whose steps stop (here: its consumer blocks the engine's thread) fails the check
+    once the stall timeout has passed, and passes it while it steps."""
+    request = engine.prepare(user_request(engine, "Go on.", None, max_tokens=400, ignore_eos=True))
+    steps, release = [], threading.Event()
+
+    def on_step(entries) -> None:
+        steps.append(entries)
+        if len(steps) >= 3:
+            release.wait(30)
+
+    done = engine.submit([request], on_step)
+    try:
+        deadline = time.monotonic() + 30
+        while not steps and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.busy
+        asyncio.run(replica(engine, stall_timeout_s=1).check_health())  # busy and stepping: healthy
+        time.sleep(1.5)
+        with pytest.raises(RuntimeError, match="no step"):
+            asyncio.run(replica(engine, stall_timeout_s=1).check_health())
+    finally:
+        engine.cancel(request)
+        release.set()
+        done.result(timeout=30)
+    asyncio.run(replica(engine, stall_timeout_s=1).check_health())  # idle again: a probe runs
 
 
 def torch_error():

@@ -26,7 +26,7 @@ def test_a_lone_chunk_is_unchanged() -> None:
 
 
 def stream_through_replica(interval_s: float, chunks: int = 20, every_s: float = 0.005):
-    """What `_stream_continuous` yields for a stream fed one chunk every `every_s` seconds (as the
+    """What `_stream` yields for a stream fed one chunk every `every_s` seconds (as the
     engine thread feeds it), with `stream_interval_s=interval_s`; and how long after the last chunk
     the stream ended."""
     import asyncio
@@ -52,7 +52,7 @@ def stream_through_replica(interval_s: float, chunks: int = 20, every_s: float =
 
         server._admit_batch = admit
         feeding = asyncio.create_task(feed())
-        out = [item async for item in server._stream_continuous(None)]
+        out = [item async for item in server._stream(None)]
         await feeding
         return out, time.monotonic() - fed_last_at[0]
 

@@ -13,45 +13,54 @@ import pytest
 import torch
 
 from demo.model import make_demo_model
-from engine.continuous import ContinuousEngine, choose_engine
-from engine.continuous.engine import compiled_graphs
-from engine.continuous.sampling import RowParams, sample
-from engine.generate import engine as engine_module
-from engine.generate.engine import Engine, PreparedRequest
+from engine.continuous.engine import ContinuousEngine
+from engine.continuous.runner import compiled_graphs, seed_key
+from engine.continuous.sampling import RowParams, penalize, sample
+from engine.detokenizer import Detokenizer
+from engine.factory import choose_engine
+from engine.generate.engine import GenerateEngine
+from engine.loader import load_model
 from serve_app.settings import ContinuousEngineSettings, ModelSettings, QuantizationSettings
-from tests.engine.test_engine import preprocessed, run, user_request
+from tests.engine.test_engine import plain_generate, preprocessed, run, user_request
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GenerateEngine]:
+    """The generate() engine: what the continuous one is held to."""
     path = make_demo_model(tmp_path_factory.mktemp("continuous") / "ckpt")
-    return Engine.load(ModelSettings(id="demo", path=str(path), max_model_len=512, engine="generate"))
+    made = GenerateEngine(load_model(ModelSettings(id="demo", path=str(path), max_model_len=512, engine="generate")))
+    yield made
+    made.close()
 
 
-def continuous(engine: Engine, **options) -> ContinuousEngine:
-    settings = engine.settings.model_copy(update={"continuous": ContinuousEngineSettings(**options)})
-    return ContinuousEngine(settings, engine.model, engine.processor, engine.device)
+def continuous(engine: GenerateEngine, **options) -> ContinuousEngine:
+    """A continuous engine over the same loaded model, with these continuous-engine options."""
+    return ContinuousEngine(engine.loaded.with_settings(continuous=ContinuousEngineSettings(**options)))
 
 
 @pytest.fixture(scope="module")
-def cengine(engine: Engine) -> Iterator[ContinuousEngine]:
+def cengine(engine: GenerateEngine) -> Iterator[ContinuousEngine]:
     made = continuous(engine, max_slots=4)
     yield made
     made.close()
 
 
-@pytest.fixture
-def recorded(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every detokenizer made from now on, in order: their `.tokens` are each row's token ids."""
+def record_detokenizers(engine, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every detokenizer `engine` makes from now on, in order: their `.tokens` are each row's token ids."""
     made: list = []
 
-    class Recording(engine_module._Detokenizer):
+    class Recording(Detokenizer):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(engine_module, "_Detokenizer", Recording)
+    monkeypatch.setattr(engine, "detokenizer_type", Recording)
     return made
+
+
+@pytest.fixture
+def recorded(cengine: ContinuousEngine, monkeypatch: pytest.MonkeyPatch) -> list:
+    return record_detokenizers(cengine, monkeypatch)
 
 
 def wait_until(condition, timeout_s: float = 10.0) -> bool:
@@ -63,16 +72,7 @@ def wait_until(condition, timeout_s: float = 10.0) -> bool:
     return True
 
 
-@torch.inference_mode()
-def plain_generate(engine: Engine, prepared: PreparedRequest) -> list[int]:
-    """Greedy `model.generate()` alone on one request, end-of-sequence tokens left out."""
-    inputs = engine._collate([prepared])
-    out = engine.model.generate(**inputs, max_new_tokens=prepared.max_tokens, do_sample=False,
-                                eos_token_id=sorted(engine.eos_token_ids), pad_token_id=engine.pad_token_id)
-    return [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in engine.eos_token_ids]
-
-
-def mixed_requests(engine: Engine, max_tokens: int = 12) -> list:
+def mixed_requests(engine, max_tokens: int = 12) -> list:
     return [
         user_request(engine, "What shape is this?", preprocessed(engine, (224, 224), (255, 0, 0)), max_tokens=max_tokens),
         user_request(engine, "How many circles are there in the picture?", preprocessed(engine, (100, 300), (0, 255, 0)),
@@ -87,10 +87,10 @@ def test_greedy_tokens_equal_plain_generate_alone_and_batched(engine, cengine, r
     alone = [plain_generate(engine, engine.prepare(r)) for r in requests]
     for request, expected in zip(requests, alone):
         run(cengine, [request])
-        assert [t for t in recorded[-1].tokens if t not in engine.eos_token_ids] == expected
+        assert [t for t in recorded[-1].tokens if t not in engine.loaded.eos_token_ids] == expected
     recorded.clear()
     run(cengine, requests)  # one batch: different image sizes and prompt lengths, prefilled together
-    assert [[t for t in d.tokens if t not in engine.eos_token_ids] for d in recorded] == alone
+    assert [[t for t in d.tokens if t not in engine.loaded.eos_token_ids] for d in recorded] == alone
 
 
 def test_same_text_limits_and_finish_reasons_as_the_generate_engine(engine, cengine) -> None:
@@ -118,8 +118,9 @@ def test_stop_sequences_cut_the_text_as_the_generate_engine(engine, cengine) -> 
     assert reason == "stop" and stop not in text and full.startswith(text)
 
 
-def test_more_requests_than_slots_wait_and_finishing_rows_free_their_slots(engine, recorded) -> None:
+def test_more_requests_than_slots_wait_and_finishing_rows_free_their_slots(engine, monkeypatch) -> None:
     small = continuous(engine, max_slots=3, batch_buckets=[1, 2])
+    recorded = record_detokenizers(small, monkeypatch)
     try:
         requests = [user_request(engine, f"Question number {i}?", preprocessed(engine, (56 + 28 * i, 84), (i * 40, 0, 0))
                                  if i % 2 else None, max_tokens=m, ignore_eos=True)
@@ -140,7 +141,7 @@ def test_a_request_arriving_mid_decode_joins_within_two_steps(engine, cengine, m
     late = engine.prepare(late_request)
     first_token_step: list[int] = []
 
-    class FirstToken(engine_module._Detokenizer):
+    class FirstToken(Detokenizer):
         def add(self, token: int):
             if not first_token_step:
                 first_token_step.append(cengine.decode_steps)
@@ -152,7 +153,7 @@ def test_a_request_arriving_mid_decode_joins_within_two_steps(engine, cengine, m
     def on_long(chunks) -> None:
         # Submitted from the engine thread between steps, so the step it arrives at is exact.
         if cengine.decode_steps >= 10 and not arrival:
-            monkeypatch.setattr(engine_module, "_Detokenizer", FirstToken)
+            monkeypatch.setattr(cengine, "detokenizer_type", FirstToken)
             arrival.append((cengine.decode_steps, cengine.submit([late], lambda c: late_texts.append(c[0].text))))
 
     long_done = cengine.submit([long], on_long)
@@ -199,28 +200,76 @@ def test_seeded_sampling_is_repeatable_and_independent_of_batch(engine, cengine)
     assert run(cengine, [other_seed])[0] != alone
 
 
-def test_sampling_follows_the_distribution_and_top_p() -> None:
+def test_sampling_follows_the_distribution_top_k_and_top_p() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -9.0]]).repeat(4000, 1)
     rows = logits.shape[0]
 
-    def draw(temperature: float, top_p: float) -> torch.Tensor:
+    def draw(temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
         params = RowParams(temperature=torch.full((rows,), temperature), top_p=torch.full((rows,), top_p),
                            seed=torch.arange(rows) * 7919, counter=torch.full((rows,), 3, dtype=torch.long),
-                           suppress_eos=torch.zeros(rows, dtype=torch.bool))
+                           suppress_eos=torch.zeros(rows, dtype=torch.bool), top_k=torch.full((rows,), top_k))
         return sample(logits, params, torch.zeros(5, dtype=torch.bool), any_sampled=True)
 
     frequencies = torch.bincount(draw(1.0, 1.0), minlength=5).float() / rows
     assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.03), frequencies
     # top_p 0.8: the smallest set reaching 0.8 is the first two tokens (0.64 + 0.24).
     assert set(draw(1.0, 0.8).tolist()) == {0, 1}
+    # top_k 2: the two most likely, in proportion to each other.
+    two = draw(1.0, 1.0, top_k=2)
+    assert set(two.tolist()) == {0, 1}
+    assert torch.allclose(torch.bincount(two, minlength=5)[:2].float() / rows, torch.softmax(logits[0, :2], -1),
+                          atol=0.03)
+    # top_p reads what top_k kept, renormalised: of the first three, token 0 alone has 0.665 >= 0.66.
+    assert set(draw(1.0, 0.66, top_k=3).tolist()) == {0}
+    # A temperature too small to divide by is the greedy limit, not NaN.
+    assert set(draw(1e-45, 1.0).tolist()) == {0}
     greedy = RowParams(torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                        torch.tensor([True]))
     eos = torch.tensor([True, False, False, False, False])
     assert sample(logits[:1], greedy, eos, any_sampled=False).item() == 1  # end-of-sequence suppressed
 
 
+def test_the_repetition_penalty_is_transformers_own_row_by_row() -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    tokens = [[1, 5, 5, 39], [0, 2], [7]]
+    penalties = [1.3, 0.8, 1.0]
+    seen = torch.zeros(3, 40, dtype=torch.bool)
+    for row, ids in enumerate(tokens):
+        seen[row, ids] = True
+    got = penalize(logits, seen, torch.tensor(penalties))
+    for row, (ids, penalty) in enumerate(zip(tokens, penalties)):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits[row:row + 1].clone())[0]
+        assert torch.equal(got[row], expected), row
+
+
+def test_top_k_repetition_penalty_and_seeds_as_the_generate_engine(engine, cengine) -> None:
+    image = preprocessed(engine, (112, 112), (200, 30, 30))
+
+    def ask(**sampling):
+        return user_request(engine, "Tell me about the picture.", image, max_tokens=40, ignore_eos=True, **sampling)
+
+    # Greedy with a penalty: the generate() engine's answer, which is transformers' (test_engine.py).
+    penalized = ask(repetition_penalty=1.3)
+    assert run(cengine, [penalized, ask()]) == run(engine, [penalized, ask()])
+    assert run(cengine, [penalized])[0] != run(cengine, [ask()])[0]
+    # top_k 1 leaves a hot sample nothing but the greedy token; a temperature too small to divide by
+    # is greedy too.
+    hot = ask(temperature=1.5, seed=3)
+    assert run(cengine, [hot]) != run(cengine, [ask()])
+    assert run(cengine, [ask(temperature=1.5, seed=3, top_k=1), ask(temperature=1e-45, seed=3)]) == \
+        run(cengine, [ask()]) * 2
+    # The whole seed counts: seeds 2**32 apart (or past 64 bits) give their own streams, each repeatable.
+    seeds = [42, 42 + 2**32, 2**63 - 1, -5, 2**64 + 42]
+    assert len({seed_key(s) for s in seeds}) == len(seeds)
+    texts = [run(cengine, [ask(temperature=1.0, seed=s)])[0] for s in seeds]
+    assert len(set(texts)) == len(seeds)
+    assert run(cengine, [ask(temperature=1.0, seed=seeds[1])])[0] == texts[1]
+
+
 def test_a_failed_prefill_fails_only_its_group(engine, cengine, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = cengine.decoder.prefill
+    original = cengine.runner.decoder.prefill
     calls = []
 
     def broken_once(*args, **kwargs):
@@ -229,7 +278,7 @@ def test_a_failed_prefill_fails_only_its_group(engine, cengine, monkeypatch: pyt
             raise RuntimeError("prefill broke (simulated)")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cengine.decoder, "prefill", broken_once)
+    monkeypatch.setattr(cengine.runner.decoder, "prefill", broken_once)
     with pytest.raises(RuntimeError, match="simulated"):
         run(cengine, [user_request(engine, "Hi", None, max_tokens=4)])
     assert run(cengine, [user_request(engine, "Hi", None, max_tokens=4)])[0][2] >= 1
@@ -240,7 +289,7 @@ def test_image_tokens_that_do_not_match_the_pixels_fail_only_their_group(engine,
     request = user_request(engine, "What shape is this?", preprocessed(engine, (224, 224), (255, 0, 0)), max_tokens=4)
     good = cengine.prepare(request)
     ids = list(good.input_ids)
-    first = ids.index(engine.model.config.image_token_id)
+    first = ids.index(engine.loaded.model.config.image_token_id)
     ids[first] = ids[first - 1]  # one image token fewer than the image's features
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
         cengine.generate_batch([replace(good, input_ids=ids)], lambda chunks: None)
@@ -248,16 +297,16 @@ def test_image_tokens_that_do_not_match_the_pixels_fail_only_their_group(engine,
 
 
 def test_a_failed_step_fails_every_request_in_flight_and_the_engine_goes_on(engine, cengine, monkeypatch) -> None:
-    original = cengine.runner.run
+    original = cengine.runner.decode
     calls = []
 
-    def broken_once(key):
+    def broken_once(batch):
         if not calls:
-            calls.append(key)
+            calls.append(batch)
             raise RuntimeError("CUDA error: device lost (simulated)")
-        return original(key)
+        return original(batch)
 
-    monkeypatch.setattr(cengine.runner, "run", broken_once)
+    monkeypatch.setattr(cengine.runner, "decode", broken_once)
     with pytest.raises(RuntimeError, match="device lost"):
         run(cengine, [user_request(engine, "Hi", None, max_tokens=20, ignore_eos=True),
                       user_request(engine, "Ho", None, max_tokens=20, ignore_eos=True)])
@@ -278,7 +327,7 @@ def test_probe_and_busy_for_the_health_check(engine, cengine, monkeypatch: pytes
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device lost (simulated)")
 
-    monkeypatch.setattr(engine.model.model.language_model, "forward", broken)
+    monkeypatch.setattr(engine.loaded.model.model.language_model, "forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         cengine.probe()
 
@@ -287,25 +336,23 @@ def test_the_replica_health_check_probes_through_the_engine_thread(engine, cengi
     from tests.deployments.test_health import replica, torch_error
 
     asyncio.run(replica(cengine).check_health())
-    monkeypatch.setattr(engine.model.model.language_model, "forward", torch_error())
+    monkeypatch.setattr(engine.loaded.model.model.language_model, "forward", torch_error())
     with pytest.raises(RuntimeError, match="device lost"):
         asyncio.run(replica(cengine).check_health())
 
 
 def test_auto_picks_the_continuous_engine_where_it_can(engine) -> None:
-    def with_settings(**update) -> Engine:
-        return Engine(engine.settings.model_copy(update=update), engine.model, engine.processor, engine.device)
-
-    chosen = choose_engine(with_settings(engine="auto"))
-    try:
-        assert isinstance(chosen, ContinuousEngine)
-    finally:
+    def chosen_type(**update) -> type:
+        chosen = choose_engine(engine.loaded.with_settings(**update))
         chosen.close()
-    assert type(choose_engine(with_settings(engine="generate"))) is Engine
+        return type(chosen)
+
+    assert chosen_type(engine="auto") is ContinuousEngine
+    assert chosen_type(engine="generate") is GenerateEngine
     quantized_kv = QuantizationSettings(kv_cache="int8")
-    assert type(choose_engine(with_settings(engine="auto", quantization=quantized_kv))) is Engine
+    assert chosen_type(engine="auto", quantization=quantized_kv) is GenerateEngine
     with pytest.raises(ValueError, match="quantized KV cache"):
-        choose_engine(with_settings(engine="continuous", quantization=quantized_kv))
+        choose_engine(engine.loaded.with_settings(engine="continuous", quantization=quantized_kv))
 
 
 def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(engine, cengine) -> None:
@@ -314,10 +361,11 @@ def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(
     batch size, both sampling variants, and a span change (256 -> 512 cache positions)."""
     compiled = continuous(engine, max_slots=2, batch_buckets=[2], compile=True, compile_mode="default")
     try:
-        decoder = compiled.decoder
+        decoder = compiled.runner.decoder
 
         def explain() -> int:  # all slots inactive: the traced run changes nothing
-            return torch._dynamo.explain(decoder.step)(compiled.state.active[:2], decoder.span_ids[:256], True).graph_break_count
+            return torch._dynamo.explain(decoder.step)(compiled.runner.state.active[:2], decoder.span_ids[:256],
+                                                       True).graph_break_count
 
         assert compiled.call(explain) == 0
         requests = [
@@ -331,12 +379,12 @@ def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(
 
 
 def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_variant(engine) -> None:
-    """Compiling the whole 40-layer GLM-4.6V forward took minutes (benchmarks/RESULTS.md), so the
+    """Compiling a large model's whole forward takes minutes, so the
     step must not recompile per (batch, span, sampled) key, nor per layer: one dynamic-shape
     compilation of the decoder layer serves every layer, one more for batch 1 (PyTorch specialises
     sizes of 1), and sampling, which runs eagerly, adds none. The same for the prefill's prompt
     layer over every batch size and prompt width."""
-    assert len(engine.model.model.language_model.layers) >= 2  # else "not per layer" is not tested
+    assert len(engine.loaded.model.model.language_model.layers) >= 2  # else "not per layer" is not tested
 
     compiled = continuous(engine, max_slots=8, batch_buckets=[1, 2, 4, 8], compile=True, compile_mode="default")
     try:
@@ -346,21 +394,21 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
             for span in (256, 512):
                 for rows in (8, 4, 2, 1):
                     for sampled in (False, True):
-                        compiled.runner.run((rows, span, sampled))
+                        compiled.runner.steps.run((rows, span, sampled))
 
         compiled.call(every_key)
         assert compiled_graphs() - before == 2
 
         def prompts(rows: int, width: int, first_slot: int) -> None:  # into free slots: nothing live reads them
-            ids = torch.full((rows, width), engine.pad_token_id, dtype=torch.long)
-            compiled.decoder.prefill({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, first_slot,
-                                     engine.device)
+            ids = torch.full((rows, width), engine.loaded.pad_token_id, dtype=torch.long)
+            compiled.runner.decoder.prefill({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, first_slot,
+                                            engine.loaded.device)
 
         # The engine's warm-up compiles the prompt layer twice (any batch and width; batch 1), and on
-        # shapes that leave no alignment to assume: a first trace on batch 2 x 16 tokens made a graph
-        # that was compiled again for 4 x 285 (an 11 s stall mid-serving on the H100).
+        # shapes that leave no alignment to assume: a graph first traced on an even shape may assume its
+        # alignment and be compiled again for an odd one, a stall mid-serving.
         before = compiled_graphs()
-        compiled.call(compiled._warm_prefill)
+        compiled.call(compiled.runner.warm_prefill)
         assert compiled_graphs() - before == 2
         for rows, width, first_slot in ((4, 285, 1), (1, 285, 0), (2, 32, 6), (8, 64, 0), (1, 20, 3), (5, 300, 2)):
             compiled.call(lambda: prompts(rows, width, first_slot))

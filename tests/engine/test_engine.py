@@ -1,17 +1,23 @@
-"""The model stage's engine on CPU with the demo checkpoint: prompts, batching, sampling, stops."""
+"""The generate() engine on CPU with the demo checkpoint: prompts, batching, sampling, stops, and a
+row whose sampling fails failing alone."""
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 
 import pytest
+import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
 from demo.model import make_demo_model
-from engine.generate.engine import Engine, _Detokenizer
+from engine.detokenizer import Detokenizer
+from engine.generate.engine import GenerateEngine
+from engine.loader import load_model
 from engine.prompts import Prompter
+from engine.protocol import Engine
 from serve_app.settings import ModelSettings
 from serve_app.stage_types import (
     GenerationRequest,
@@ -24,9 +30,11 @@ from serve_app.stage_types import (
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GenerateEngine]:
     path = make_demo_model(tmp_path_factory.mktemp("demo") / "ckpt")
-    return Engine.load(ModelSettings(id="demo", path=str(path), max_model_len=512))
+    made = GenerateEngine(load_model(ModelSettings(id="demo", path=str(path), max_model_len=512)))
+    yield made
+    made.close()
 
 
 def preprocessed(engine: Engine, size: tuple[int, int], color: tuple[int, int, int]) -> PreprocessedImage:
@@ -42,21 +50,39 @@ def user_request(engine: Engine, text: str, image: PreprocessedImage | None, **s
     return GenerationRequest([PromptMessage("user", parts)], [image] if image else [], params)
 
 
-def run(engine: Engine, requests: list[GenerationRequest]) -> list[tuple[str, str, int]]:
+def run(engine: Engine, requests: list[GenerationRequest]) -> list:
+    """Each request's (text, finish_reason, completion_tokens) through one batch of `engine`, or the
+    exception its stream got."""
     prepared = [engine.prepare(r) for r in requests]
     texts = [""] * len(prepared)
     finals: list = [None] * len(prepared)
 
-    def on_step(chunks) -> None:
-        for i, chunk in enumerate(chunks):
-            if chunk is not None:
+    def on_step(entries) -> None:
+        for i, entry in enumerate(entries):
+            if entry is not None:
                 assert finals[i] is None, "a row emitted after it finished"
-                texts[i] += chunk.text
-                if chunk.finish_reason:
-                    finals[i] = chunk
+                if isinstance(entry, BaseException):
+                    finals[i] = entry
+                    continue
+                texts[i] += entry.text
+                if entry.finish_reason:
+                    finals[i] = entry
 
     engine.generate_batch(prepared, on_step)
-    return [(t, f.finish_reason, f.completion_tokens) for t, f in zip(texts, finals)]
+    return [f if isinstance(f, BaseException) else (t, f.finish_reason, f.completion_tokens)
+            for t, f in zip(texts, finals)]
+
+
+@torch.inference_mode()
+def plain_generate(engine, prepared, **generation) -> list[int]:
+    """`model.generate()` alone on one request (greedy unless `generation` says otherwise), end-of-sequence
+    tokens left out: what an engine's row must reproduce."""
+    loaded = engine.loaded
+    inputs = loaded.collate([prepared])
+    out = loaded.model.generate(**inputs, max_new_tokens=prepared.max_tokens, do_sample=False,
+                                eos_token_id=sorted(loaded.eos_token_ids), pad_token_id=loaded.pad_token_id,
+                                **generation)
+    return [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in loaded.eos_token_ids]
 
 
 def test_prompt_follows_glm_chat_format(engine: Engine) -> None:
@@ -65,13 +91,13 @@ def test_prompt_follows_glm_chat_format(engine: Engine) -> None:
         [PromptMessage("system", (TextPart("Be brief."),)), PromptMessage("user", (ImagePart(), TextPart("Shape?")))],
         [image], SamplingParams(max_tokens=4),
     )
-    prompt = engine.render_prompt(request)
+    prompt = engine.prompter.render(request)
     assert prompt == (
         "[gMASK]<sop><|system|>\nBe brief.<|user|>\n<|begin_of_image|><|image|><|end_of_image|>Shape?/nothink"
         "<|assistant|>\n<think></think>\n"
     )
     prepared = engine.prepare(request)
-    image_token = engine.tokenizer.convert_tokens_to_ids(engine.prompter.image_token)
+    image_token = engine.loaded.tokenizer.convert_tokens_to_ids(engine.prompter.image_token)
     assert prepared.input_ids.count(image_token) == 4  # 56x56 -> 4x4 patches -> 2x2 merged
 
 
@@ -80,10 +106,10 @@ def test_thinking_is_switched_off_only_in_templates_that_take_the_switch(
 ) -> None:
     request = user_request(engine, "Shape?", None)
     with caplog.at_level(logging.WARNING):
-        engine.render_prompt(request)  # the demo template never thinks: no switch, no warning per request
+        engine.prompter.render(request)  # the demo template never thinks: no switch, no warning per request
     assert not [r for r in caplog.records if "processor_kwargs" in r.getMessage()]
 
-    thinking = copy.copy(engine.processor)  # GLM-4.6V's own template thinks unless told otherwise
+    thinking = copy.copy(engine.loaded.processor)  # GLM-4.6V's own template thinks unless told otherwise
     thinking.chat_template = (
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content[0].text }}{% endfor %}"
         "{% if enable_thinking is defined and not enable_thinking %}/nothink{% else %}<think>{% endif %}"
@@ -100,13 +126,9 @@ def test_greedy_batch_matches_plain_generate_alone(engine: Engine) -> None:
     batched = run(engine, requests)
     for request, (text, reason, count) in zip(requests, batched):
         prepared = engine.prepare(request)
-        inputs = engine._collate([prepared])
-        out = engine.model.generate(**inputs, max_new_tokens=prepared.max_tokens, do_sample=False,
-                                    eos_token_id=sorted(engine.eos_token_ids), pad_token_id=engine.pad_token_id)
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        new = [t for t in new if t not in engine.eos_token_ids]
+        new = plain_generate(engine, prepared)
         # A character cut in half by max_tokens is dropped rather than sent as U+FFFD.
-        assert text == engine.tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd")
+        assert text == engine.loaded.tokenizer.decode(new, skip_special_tokens=True).rstrip("\ufffd")
         assert count == len(new)
         assert reason == ("length" if count == prepared.max_tokens else "stop")
 
@@ -139,7 +161,7 @@ class FakeTokenizer:
         return "".join(chr(t) for t in tokens)
 
 
-def feed(detokenizer: _Detokenizer, text: str) -> tuple[str, bool]:
+def feed(detokenizer: Detokenizer, text: str) -> tuple[str, bool]:
     out = ""
     for ch in text:
         delta, stopped = detokenizer.add(ord(ch))
@@ -150,9 +172,9 @@ def feed(detokenizer: _Detokenizer, text: str) -> tuple[str, bool]:
 
 
 def test_stop_sequences_are_cut_and_never_leak() -> None:
-    assert feed(_Detokenizer(FakeTokenizer(), ("END",)), "hello ENDworld") == ("hello ", True)
-    assert feed(_Detokenizer(FakeTokenizer(), ("END",)), "hello EN") == ("hello EN", False)
-    detok = _Detokenizer(FakeTokenizer(), ("\n\n",))
+    assert feed(Detokenizer(FakeTokenizer(), ("END",)), "hello ENDworld") == ("hello ", True)
+    assert feed(Detokenizer(FakeTokenizer(), ("END",)), "hello EN") == ("hello EN", False)
+    detok = Detokenizer(FakeTokenizer(), ("\n\n",))
     assert detok.add(ord("a")) == ("a", False)
     assert detok.add(ord("\n")) == ("", False)  # might begin the stop sequence: held back
     assert detok.add(ord("b")) == ("\nb", False)
@@ -163,15 +185,15 @@ def test_piecewise_detokenizing_gives_the_same_text_as_decoding_everything(engin
     the deltas must add up to exactly what decoding the whole list gives, at every step."""
     import random
 
-    tokenizer = engine.tokenizer
-    assert _Detokenizer(tokenizer, ())._piecewise
+    tokenizer = engine.loaded.tokenizer
+    assert Detokenizer(tokenizer, ()).piecewise
     rng = random.Random(7)
     vocab = len(tokenizer)
     # Chinese answers split characters across byte tokens; special tokens are skipped in the text.
     pieces = tokenizer("图中的六边形是红色的 star, 圆形?", add_special_tokens=False)["input_ids"]
     for trial in range(40):
         tokens = [rng.choice(pieces) if rng.random() < 0.5 else rng.randrange(vocab) for _ in range(rng.randrange(1, 80))]
-        detok = _Detokenizer(tokenizer, ())
+        detok = Detokenizer(tokenizer, ())
         emitted = ""
         for i, token in enumerate(tokens):
             delta, _ = detok.add(token)
@@ -179,3 +201,81 @@ def test_piecewise_detokenizing_gives_the_same_text_as_decoding_everything(engin
             whole = tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)
             assert whole.startswith(emitted), (trial, i)
         assert emitted + detok.flush() == tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+
+
+# ---- per-row sampling: failures stay in their row, top_k, repetition penalty -----------------------
+
+
+def test_a_row_whose_sampling_fails_fails_alone_and_the_batch_goes_on(engine: GenerateEngine) -> None:
+    """A seed torch cannot take fails its own row (its stream gets the error); its neighbours give what
+    they give alone."""
+    neighbours = [user_request(engine, "What shape is this?", preprocessed(engine, (56, 56), (255, 0, 0))),
+                  user_request(engine, "Tell me.", None, temperature=1.0, seed=7, max_tokens=10)]
+    alone = [run(engine, [r])[0] for r in neighbours]
+    bad_seed = user_request(engine, "Hi", None, temperature=1.0, seed=2**64, max_tokens=10)
+    got = run(engine, [neighbours[0], bad_seed, neighbours[1]])
+    assert isinstance(got[1], Exception) and "Overflow" in str(got[1]), got[1]
+    assert [got[0], got[2]] == alone
+    assert run(engine, neighbours) == alone  # and the engine serves on
+
+
+def test_a_temperature_too_small_to_divide_by_gives_the_greedy_answer(engine: GenerateEngine) -> None:
+    greedy = user_request(engine, "Describe.", preprocessed(engine, (112, 112), (0, 0, 200)), max_tokens=20)
+    tiny = user_request(engine, "Describe.", preprocessed(engine, (112, 112), (0, 0, 200)), max_tokens=20,
+                        temperature=1e-45, seed=1)
+    assert run(engine, [tiny, greedy]) == run(engine, [greedy]) * 2
+
+
+def test_top_k_keeps_the_k_most_likely_tokens() -> None:
+    from engine.generate.sampling import sample
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -9.0])
+    generator = torch.Generator().manual_seed(0)
+
+    def draws(**params) -> torch.Tensor:
+        p = SamplingParams(max_tokens=1, **params)
+        return torch.stack([sample(logits, p, generator) for _ in range(3000)])
+
+    two = draws(temperature=1.0, top_k=2)
+    assert set(two.tolist()) == {0, 1}
+    frequencies = torch.bincount(two, minlength=5).float() / len(two)
+    assert torch.allclose(frequencies[:2], torch.softmax(logits[:2], -1), atol=0.03), frequencies  # renormalised
+    assert set(draws(temperature=1.0, top_k=0).tolist()) >= {0, 1, 2, 3}  # 0: off
+    # top_p reads what top_k kept, renormalised: of the first three, token 0 alone has 0.665 >= 0.66 (of all
+    # five it would have 0.644, and token 1 would join it).
+    assert set(draws(temperature=1.0, top_k=3, top_p=0.66).tolist()) == {0}
+
+
+def test_top_k_one_samples_the_greedy_answer(engine: GenerateEngine) -> None:
+    image = preprocessed(engine, (84, 84), (10, 200, 10))
+    greedy = user_request(engine, "Tell me about it.", image, max_tokens=24, ignore_eos=True)
+    hot = user_request(engine, "Tell me about it.", image, max_tokens=24, ignore_eos=True, temperature=1.5, seed=3)
+    assert run(engine, [hot]) != run(engine, [greedy])  # a hot sample leaves the greedy path...
+    top1 = user_request(engine, "Tell me about it.", image, max_tokens=24, ignore_eos=True, temperature=1.5, seed=3,
+                        top_k=1)
+    assert run(engine, [top1]) == run(engine, [greedy])  # ...unless only the best token may be drawn
+
+
+def test_repetition_penalty_is_transformers_own(engine: GenerateEngine) -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from engine.generate.sampling import penalize
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    seen = torch.tensor([3, 7, 7, 11, 49])
+    expected = RepetitionPenaltyLogitsProcessor(1.4)(seen[None], logits[None].clone())[0]
+    assert torch.equal(penalize(logits, seen, 1.4), expected)
+    assert torch.equal(penalize(logits, seen, 1.0), logits)
+
+    # Served: a greedy row with a penalty gives what generate(repetition_penalty=...) gives alone, over
+    # the prompt's tokens and its own, and a different answer than without it.
+    request = user_request(engine, "Tell me about the picture.", preprocessed(engine, (112, 112), (200, 30, 30)),
+                           max_tokens=40, ignore_eos=True)
+    penalized = user_request(engine, "Tell me about the picture.", preprocessed(engine, (112, 112), (200, 30, 30)),
+                             max_tokens=40, ignore_eos=True, repetition_penalty=1.3)
+    expected_ids = plain_generate(engine, engine.prepare(penalized), repetition_penalty=1.3,
+                                  suppress_tokens=sorted(engine.loaded.eos_token_ids))
+    (text, reason, count), plain = run(engine, [penalized, request])
+    assert text == engine.loaded.tokenizer.decode(expected_ids, skip_special_tokens=True).rstrip("\ufffd")
+    assert (reason, count) == ("length", 40)
+    assert text != plain[0]

@@ -17,7 +17,8 @@ import yaml
 from openai import OpenAI
 
 from demo.model import make_demo_model
-from engine.generate.engine import Engine
+from engine.generate.engine import GenerateEngine
+from engine.loader import load_model
 from engine.process.engine_process import EngineProcess
 from serve_app.errors import ServiceUnavailableError
 from serve_app.settings import ContinuousEngineSettings, ModelSettings
@@ -35,8 +36,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> ModelSettings:
 
 
 @pytest.fixture(scope="module")
-def in_process(settings: ModelSettings) -> Engine:
-    return Engine.load(settings.model_copy(update={"engine": "generate"}))
+def in_process(settings: ModelSettings) -> Iterator[GenerateEngine]:
+    made = GenerateEngine(load_model(settings.model_copy(update={"engine": "generate"})))
+    yield made
+    made.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +72,17 @@ def test_the_same_text_limits_and_stops_as_the_engine_in_process(process, in_pro
 
 
 def test_the_generate_engine_runs_behind_the_pipe_too(settings, in_process) -> None:
-    """`engine: generate` (or `auto` falling back to it) in the child: batches one after another."""
+    """`engine: generate` (or `auto` falling back to it) in the child: batches one after another, and a
+    request whose sampling fails there gets its own error across the pipe while its neighbours answer."""
     generate = EngineProcess(settings.model_copy(update={"engine": "generate"}))
     try:
         requests = mixed_requests(in_process, max_tokens=12)
-        assert run(generate, requests) == run(in_process, requests)
+        expected = run(in_process, requests)
+        assert run(generate, requests) == expected
+        bad_seed = user_request(in_process, "Hi", None, temperature=1.0, seed=2**64, max_tokens=5)
+        good, failed = run(generate, [requests[0], bad_seed])
+        assert good == expected[0]
+        assert isinstance(failed, Exception) and "Overflow" in str(failed), failed
         generate.probe()
     finally:
         generate.close()

@@ -14,7 +14,7 @@ import torch.nn.attention.varlen
 import torch.nn.functional as F
 
 from demo.model import make_demo_model
-from engine.generate.engine import Engine
+from engine.loader import LoadedModel, load_model
 from engine.models.glm4v import vision
 from serve_app.settings import ModelSettings
 from tests.engine.test_engine import preprocessed
@@ -33,25 +33,25 @@ def per_image_attention(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     path = make_demo_model(tmp_path_factory.mktemp("vision") / "ckpt")
-    return Engine.load(ModelSettings(id="demo", path=str(path), max_model_len=512, engine="generate"))
+    return load_model(ModelSettings(id="demo", path=str(path), max_model_len=512, engine="generate"))
 
 
 @torch.inference_mode()
-def test_varlen_attention_gives_hf_s_features_for_images_of_different_sizes(engine, monkeypatch) -> None:
-    images = [preprocessed(engine, size, colour) for size, colour in
+def test_varlen_attention_gives_hf_s_features_for_images_of_different_sizes(loaded, monkeypatch) -> None:
+    images = [preprocessed(loaded, size, colour) for size, colour in
               (((224, 224), (255, 0, 0)), ((100, 300), (0, 255, 0)), ((56, 56), (0, 0, 255)))]
     pixels = torch.cat([image.pixel_values for image in images])
     grid = torch.tensor([image.grid_thw for image in images])
-    model = engine.model.model
+    model = loaded.model.model
     expected = torch.cat(model.get_image_features(pixels, grid).pooler_output)
 
     monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", per_image_attention)
     monkeypatch.setattr(vision, "unsupported_reason", lambda *_: None)  # the device check: CUDA only
     config = model.visual.config
     monkeypatch.setattr(config, "_attn_implementation", config._attn_implementation)  # restored afterwards
-    assert vision.use_varlen_attention(engine.model, engine.device)
+    assert vision.use_varlen_attention(loaded.model, loaded.device)
     assert config._attn_implementation == vision.VARLEN_ATTENTION
     CALLS.clear()
     got = torch.cat(model.get_image_features(pixels, grid).pooler_output)
@@ -59,8 +59,8 @@ def test_varlen_attention_gives_hf_s_features_for_images_of_different_sizes(engi
     torch.testing.assert_close(got, expected)
 
 
-def test_the_vision_tower_keeps_its_attention_where_varlen_cannot_run(engine) -> None:
-    before = engine.model.model.visual.config._attn_implementation
-    assert "CUDA" in vision.unsupported_reason(engine.model, torch.device("cpu"))
-    assert not vision.use_varlen_attention(engine.model, torch.device("cpu"))
-    assert engine.model.model.visual.config._attn_implementation == before
+def test_the_vision_tower_keeps_its_attention_where_varlen_cannot_run(loaded) -> None:
+    before = loaded.model.model.visual.config._attn_implementation
+    assert "CUDA" in vision.unsupported_reason(loaded.model, torch.device("cpu"))
+    assert not vision.use_varlen_attention(loaded.model, torch.device("cpu"))
+    assert loaded.model.model.visual.config._attn_implementation == before

@@ -59,8 +59,8 @@ def unsupported_reason(model, kv_cache_quantization: str = "none") -> str | None
 
 
 # Not cuDNN's attention, which PyTorch picks first for prompts on an H100: it builds a plan for each new
-# (rows, width) shape, ~45 ms the first time for the 40 layers of the GLM-4.6V shape, and served prompt
-# passes rarely repeat a shape (benchmarks/RESULTS.md, run G). FlashAttention has no per-shape setup.
+# (rows, width) shape, and served prompt passes rarely repeat a shape. FlashAttention has no per-shape
+# setup.
 PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -127,7 +127,7 @@ class Glm4vDecoder:
     # ---- prefill ---------------------------------------------------------------------------
 
     def prefill(self, inputs: dict[str, torch.Tensor], first_slot: int, device: torch.device) -> Prefill:
-        """Run left-padded prompts (engine._collate's layout, on the CPU) into slots first_slot,
+        """Run left-padded prompts (engine/collate.py's layout, on the CPU) into slots first_slot,
         first_slot + 1, ...: their keys and values land in the cache, their last logits come back."""
         position_ids, deltas = self.rope_positions(inputs)
         lengths = inputs["attention_mask"].sum(-1)
@@ -208,8 +208,10 @@ class Glm4vDecoder:
         params = RowParams(
             temperature=state.temperature[:rows], top_p=state.top_p[:rows], seed=state.seed[:rows],
             counter=generated, suppress_eos=state.ignore_eos[:rows] | (generated < state.min_tokens[:rows]),
+            top_k=state.top_k[:rows], penalty=state.penalty[:rows], seen=state.seen[:rows],
         )
         chosen = sample(logits, params, self.eos_mask, any_sampled)
+        state.mark_seen(state.seen[:rows], chosen, active)
         state.next_token[:rows].copy_(chosen)
         state.last_token[:rows].copy_(torch.where(active, chosen, tokens))
         state.length[:rows].add_(active.long())
@@ -218,8 +220,8 @@ class Glm4vDecoder:
     def forward(self, rows: int, span: torch.Tensor) -> torch.Tensor:
         """The language model over slots 0..rows-1: the next-token logits [rows, vocab], each new
         token's key/value written into its slot. Its layers are what `torch.compile` gets
-        (`compile_forward`): sampling stays eager, since inductor fails on its sort/scatter over the
-        vocabulary (torch 2.11), and inside a CUDA graph its few kernels cost nothing to launch anyway."""
+        (`compile_forward`): sampling stays eager, since inductor has failed on its sort/scatter over
+        the vocabulary, and inside a CUDA graph its few kernels cost nothing to launch anyway."""
         state = self.state
         tokens, length = state.last_token[:rows], state.length[:rows]
         hidden = self.embed(tokens)[:, None, :]
@@ -236,9 +238,9 @@ class Glm4vDecoder:
     def compile_forward(self, mode: str) -> None:
         """Have `forward` and `prefill` run torch.compile'd decoder layers, and the vision encoder
         compiled blocks where it runs varlen attention (`vision.py`). The layer, not the whole
-        forward: the 40 layers are one module class, and dynamo compiles the function once for all of
-        them, its weights and cache tensors being arguments, where the whole 40-layer forward took
-        minutes to compile on the GLM-4.6V shape. Dynamic shapes from the start: one compilation
+        forward: the layers are one module class, and dynamo compiles the function once for all of
+        them, its weights and cache tensors being arguments, where compiling the whole forward takes
+        minutes for a large model. Dynamic shapes from the start: one compilation
         covers every batch size, span and prompt width, plus one for batch 1 (PyTorch specialises
         sizes of 1)."""
         self._layer = torch.compile(self.layer, mode=mode, fullgraph=False, dynamic=True)

@@ -1,0 +1,316 @@
+"""What the benchmark scripts share: picking and loading a model, making requests, device syncs,
+and the stand-ins for weights the scripts' machines do not have (GLM-4.6V-Flash's shape with
+random weights, GPTQ-4 storage). A library for the scripts here; none of them imports another.
+
+Each script puts the repository root on `sys.path` before importing this module as
+`benchmarks.common`, so that it runs as `python benchmarks/X.py` from a checkout, installed or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.loader import DTYPES, LoadedModel, load_model, resolve_dtype
+from engine.prompts import PreparedRequest, Prompter
+from serve_app.settings import ModelSettings, resolve_path
+from serve_app.stage_types import (
+    GenerationRequest,
+    ImagePart,
+    PreprocessedImage,
+    PromptMessage,
+    SamplingParams,
+    TextPart,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): timings end after it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- picking and loading the model ----------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the model, for `load_from_arguments`."""
+    parser.add_argument("--model", default="configs/models/demo.yaml", help="a model YAML, checkpoint dir or hub id")
+    parser.add_argument("--random-glm46v-shape", action="store_true",
+                        help="a GLM-4.6V-Flash-shaped model with random weights instead of --model")
+    parser.add_argument("--tiny", action="store_true", help="with --random-glm46v-shape: a small size for CPUs")
+    parser.add_argument("--weights", choices=["float", "gptq4"], default="float",
+                        help="with --random-glm46v-shape: gptq4 serves the decoder linears as a GPTQ-4 checkpoint "
+                             "(group size 128) is on this device (tinygemm)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
+    parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_from_arguments(args: argparse.Namespace) -> LoadedModel:
+    """The model `add_model_arguments`' options pick, loaded as the server loads it."""
+    if args.random_glm46v_shape:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return random_glm46v_model(device, resolve_dtype(args.dtype, device), tiny=args.tiny, seed=args.seed,
+                                   weights=args.weights)
+    return load_model(settings_for(args.model, args.device, args.dtype))
+
+
+def settings_for(model: str, device: str | None, dtype: str | None) -> ModelSettings:
+    """A model YAML (configs/models/*.yaml) or a checkpoint directory / hub id, with overrides."""
+    if model.endswith((".yaml", ".yml")) and resolve_path(model).is_file():
+        settings = ModelSettings.from_yaml(model)
+    else:
+        settings = ModelSettings(id=Path(model).name or model, path=model)
+    update = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
+    return settings.model_copy(update=update) if update else settings
+
+
+def random_glm46v_model(device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0,
+                        weights: str = "float") -> LoadedModel:
+    """GLM-4.6V-Flash's shape (`glm46v_shape`) with random weights, made on `device`; with
+    `weights="gptq4"` its decoder linears are then quantized and served as a GPTQ-4 checkpoint is."""
+    import transformers as t
+
+    config, processor, generation = glm46v_shape(tiny)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = t.Glm46VForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config = generation
+    name = "glm-4.6v-flash-random" + ("-gptq4" if weights == "gptq4" else "") + ("-tiny" if tiny else "")
+    if weights == "gptq4":
+        gptq4_weights(model, torch.bfloat16 if device.type == "cuda" else dtype)
+    settings = ModelSettings(id=name, path="(random weights)", device=str(device),
+                             dtype={v: k for k, v in DTYPES.items()}[dtype], max_model_len=16384)
+    return LoadedModel(settings, model, processor, device)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (the int4 layers' fused
+    q/k/v codes are views shared with the separate projections)."""
+    storages = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+
+def make_image(loaded: LoadedModel, size: tuple[int, int], seed: int) -> PreprocessedImage:
+    """Random coloured blocks of `size`, through the model's image processor as the preprocessor does
+    (which sends the pixels in the model's dtype where its YAML names one, as the GPU configs do)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    blocks = Image.frombytes("RGB", (8, 8), bytes(rng.randrange(256) for _ in range(8 * 8 * 3)))
+    image = blocks.resize(size, Image.Resampling.NEAREST)
+    image_processor = loaded.processor.image_processor
+    features = image_processor(images=[image], return_tensors="pt")
+    t_, h, w = (int(v) for v in features["image_grid_thw"][0])
+    merge = getattr(image_processor, "merge_size", 1) ** 2
+    pixels = features["pixel_values"].to(loaded.model.dtype)
+    return PreprocessedImage(pixels, (t_, h, w), *size, tokens=t_ * h * w // merge)
+
+
+def make_requests(loaded: LoadedModel, count: int, image_size: tuple[int, int] | None, prompt: str,
+                  new_tokens: int, seed: int) -> list[PreparedRequest]:
+    """`count` greedy requests of exactly `new_tokens` tokens (end-of-sequence ignored), each with its own
+    image of `image_size` (None: text only) and `prompt`, prepared as the server prepares them."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    prompter = Prompter(loaded.settings, loaded.processor)
+    prepared = []
+    for i in range(count):
+        images = [make_image(loaded, image_size, seed * 100_003 + i)] if image_size else []
+        parts = (ImagePart(), TextPart(prompt)) if images else (TextPart(prompt),)
+        prepared.append(prompter.prepare(GenerationRequest([PromptMessage("user", parts)], images, params)))
+    return prepared
+
+
+def with_tokens(batch: list[PreparedRequest], n: int) -> list[PreparedRequest]:
+    """Copies of `batch` that generate `n` tokens each."""
+    return [replace(r, max_tokens=n, sampling=replace(r.sampling, max_tokens=n)) for r in batch]
+
+
+def parse_size(value: str) -> tuple[int, int] | None:
+    """'WxH' as (W, H); 'none' (or 0, or nothing) as None."""
+    if value.lower() in ("none", "0", ""):
+        return None
+    w, h = (int(v) for v in value.lower().split("x"))
+    return w, h
+
+
+# ---- GLM-4.6V-Flash's shape without its weights ---------------------------------------------------
+
+
+def glm46v_shape(tiny: bool = False):
+    """(config, processor, generation_config) of the GLM-4.6V-Flash shape: transformers' default
+    `Glm46VConfig` (10.3B parameters: 40 layers, hidden 4096, 32 query / 2 key-value heads, vocabulary
+    151,552), the demo model's tokenizer (same special tokens and chat template) and GLM-4.6V's default
+    image processor (448x448 -> 256 image tokens). `tiny`: the same architecture at a CPU's size."""
+    import transformers as t
+
+    from demo.model import CHAT_TEMPLATE, EOS_TOKENS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = t.Glm46VConfig()
+    _fill_vocabulary(tokenizer, config.text_config.vocab_size)
+    if tiny:
+        config.text_config.update({"hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 256,
+                                   "num_attention_heads": 2, "num_key_value_heads": 1})
+        config.vision_config.update({"hidden_size": 64, "depth": 2, "intermediate_size": 128, "num_heads": 4,
+                                     "out_hidden_size": 256})
+    config.text_config.rope_parameters = {"rope_theta": 10000.0, "rope_type": "default",
+                                          "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}
+    # Special tokens as the demo tokenizer numbers them (the vocabulary stays 151,552 wide).
+    config.image_token_id, config.video_token_id = ids("<|image|>"), ids("<|video|>")
+    config.image_start_token_id, config.image_end_token_id = ids("<|begin_of_image|>"), ids("<|end_of_image|>")
+    config.video_start_token_id, config.video_end_token_id = ids("<|begin_of_video|>"), ids("<|end_of_video|>")
+    config.text_config.pad_token_id = ids("<|endoftext|>")
+    generation = t.GenerationConfig(
+        eos_token_id=[ids(name) for name in EOS_TOKENS], pad_token_id=ids("<|endoftext|>"), do_sample=False
+    )
+    processor = t.Glm46VProcessor(
+        image_processor=t.Glm46VImageProcessor(), tokenizer=tokenizer,
+        video_processor=t.Glm46VVideoProcessor(), chat_template=CHAT_TEMPLATE,
+    )
+    return config, processor, generation
+
+
+def _fill_vocabulary(tokenizer, size: int) -> None:
+    """Give every id the model can emit a text, so random weights stream visible tokens.
+
+    The demo tokenizer knows ~1,000 tokens and GLM's vocabulary is 151,552 wide: most tokens a
+    random model picks would decode to nothing, and a client would never see its first token. The
+    filler entries (" t1021", " t1022", ...) have no merges, so prompts encode exactly as before.
+    """
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    used = set(vocab.values()) | {token["id"] for token in state["added_tokens"]}
+    for token_id in range(size):
+        if token_id not in used:
+            vocab[f"\u0120t{token_id}"] = token_id  # U+0120 is byte-level BPE's space
+    # PreTrainedTokenizerFast keeps its tokenizers.Tokenizer here; swapping it keeps every other setting.
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+
+
+# ---- GPTQ-4 storage, as gptqmodel writes and loads it -------------------------------------------------
+
+
+PACK = 8  # 4-bit values per int32
+
+
+class GPTQ4Linear(nn.Module):
+    """A linear layer stored as gptqmodel's GPTQ (v1) 4-bit buffers; forward dequantizes."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: torch.Tensor | None, device) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = math.ceil(in_features / group_size)
+        self.register_buffer("qweight", torch.empty(in_features // PACK, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // PACK, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer(
+            "g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // group_size
+        )
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("_shifts", torch.arange(0, 32, 4, dtype=torch.int32, device=device), persistent=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> GPTQ4Linear:
+        w = linear.weight  # [out, in]
+        out_f, in_f = w.shape
+        q = cls(in_f, out_f, group_size, linear.bias, w.device)
+        groups = in_f // group_size
+        wg = w.float().reshape(out_f, groups, group_size)
+        # Symmetric 4-bit: zero point 8, scale = max|w| / 7.5 (gptqmodel's sym range is 2*max/15).
+        scale = (wg.abs().amax(-1) * 2 / 15).clamp_min(1e-6).half().float()  # [out, groups], fp16 as stored
+        ints = torch.clamp(torch.round(wg / scale[..., None]) + 8, 0, 15).to(torch.int32)  # [out, g, gs]
+        ints = ints.reshape(out_f, in_f).t().contiguous()  # [in, out]
+        q.qweight.copy_(_pack_rows(ints))
+        q.scales.copy_(scale.t().to(torch.float16))
+        zeros = torch.full((groups, out_f), 8 - 1, dtype=torch.int32, device=w.device)  # v1 stores zero - 1
+        q.qzeros.copy_(_pack_rows(zeros.t().contiguous()).t().contiguous())
+        return q
+
+    def dequantize(self) -> torch.Tensor:
+        ints = (self.qweight[:, None, :] >> self._shifts[None, :, None]) & 0xF  # [in/8, 8, out]
+        ints = ints.reshape(self.in_features, self.out_features)
+        zeros = (self.qzeros[:, :, None] >> self._shifts[None, None, :]) & 0xF  # [g, out/8, 8]
+        zeros = zeros.reshape(-1, self.out_features) + 1
+        g = self.g_idx.long()
+        return (self.scales[g].to(torch.bfloat16) * (ints - zeros[g]).to(torch.bfloat16))  # [in, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.to(torch.bfloat16) @ self.dequantize()
+        return out + self.bias if self.bias is not None else out
+
+
+def _pack_rows(ints: torch.Tensor) -> torch.Tensor:
+    """[R, C] int32 of 4-bit values -> [R/8, C]: row 8i+k goes to bits 4k..4k+3 of row i."""
+    r, c = ints.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=ints.device)
+    parts = ints.reshape(r // PACK, PACK, c) << shifts[None, :, None]
+    packed = torch.zeros(r // PACK, c, dtype=torch.int32, device=ints.device)
+    for k in range(PACK):
+        packed |= parts[:, k, :]
+    return packed
+
+
+def quantize_language_model(model: nn.Module, group_size: int = 128) -> int:
+    layers = model.model.language_model.layers
+    count = 0
+    for layer in layers:
+        for parent_name in ("self_attn", "mlp"):
+            parent = getattr(layer, parent_name)
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, GPTQ4Linear.from_linear(child, group_size))
+                    del child
+                    count += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return count
+
+
+def gptq4_weights(model: torch.nn.Module, activations: torch.dtype, group_size: int = 128) -> None:
+    """The random model as a GPTQ-4 checkpoint (g128, symmetric) is served on this device: its decoder
+    linears rounded to gptqmodel's 4-bit layout (`GPTQ4Linear`: round-to-nearest, the same sizes as
+    GPTQ-solved values), then repacked by the server's own `repack_gptq` (engine/quant/int4_linear.py).
+    Checks, on this device, a repacked layer against the dequantized GPTQ weights, and its decode-step
+    road (tinygemm) against its prompt road (dequantize + matmul)."""
+    from engine.quant.int4_linear import Int4Linear, repack_gptq
+
+    probe = GPTQ4Linear.from_linear(model.model.language_model.layers[0].self_attn.q_proj, group_size)
+    x = torch.randn(3, probe.in_features, device=probe.qweight.device, dtype=torch.float32)
+    reference = x @ probe.dequantize().float()
+    got = Int4Linear.from_gptq(probe.qweight, probe.qzeros, probe.scales, group_size, dtype=activations)(x)
+    error = ((got.float() - reference).abs().max() / reference.abs().max()).item()
+    print(f"GPTQ-4 repacked for tinygemm: relative error {error:.4f} against the dequantized weights "
+          f"({activations} activations)", flush=True)
+    if error > 0.02:
+        raise SystemExit("the repacked int4 layer does not match the GPTQ weights")
+    quantized = quantize_language_model(model, group_size)
+    print(f"GPTQ-4: {quantized} decoder linears quantized, {repack_gptq(model, activations)} repacked", flush=True)
+    # The layer's two roads on the same rows: as a decode step (tinygemm) and as a prompt (dequantized).
+    layer = model.model.language_model.layers[0].self_attn.o_proj
+    rows = torch.randn(3, 1, layer.in_features, device=x.device, dtype=activations)
+    step, prompt = layer(rows)[:, 0].float(), layer(rows.transpose(0, 1))[0].float()
+    error = ((step - prompt).abs().max() / prompt.abs().max()).item()
+    print(f"GPTQ-4 tinygemm vs dequantized road: relative difference {error:.4f}", flush=True)
+    if error > 0.02:
+        raise SystemExit("the int4 layer's two roads disagree")

@@ -1,0 +1,106 @@
+"""Sampling for the generate() engine: every row of a batch with its own parameters, row by row.
+
+`RowSampler` is a logits processor: `generate()` calls it once per step with the whole batch's
+next-token logits, and it returns scores whose argmax is each row's own choice (a one-hot), so that
+`generate()` itself runs greedy and each row behaves as if it ran alone. Per row, in transformers'
+order: the repetition penalty over the row's prompt and output tokens, end-of-sequence suppression
+(`min_tokens`, `ignore_eos`), then greedy, or temperature, top_k, top_p and a draw from the row's own
+seeded generator. A row whose parameters cannot be used fails alone (`RowState.fail`): the
+batch's other rows go on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import LogitsProcessor
+
+from engine.rows import RowState
+from serve_app.stage_types import SamplingParams
+
+logger = logging.getLogger("ray.serve")
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty on one row's `logits` [vocab]: every token id in `seen` has its
+    logit divided by `penalty` where positive and multiplied by it where negative (1.0: unchanged)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(0, seen)
+    return logits.scatter(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id (a 0-d tensor) drawn from `logits` [vocab] with temperature, top_k and top_p.
+
+    The logits are shifted so their largest is 0 before they are divided by the temperature: the
+    same distribution, and a temperature too small to divide by gives the greedy limit (the largest
+    logit stays finite, the others go to -inf) instead of NaN probabilities. In float64, where every
+    positive temperature a request can carry is a positive number.
+    """
+    scaled = (logits.double() - logits.max()) / params.temperature
+    if 0 < params.top_k < scaled.numel():  # as transformers: ties with the k-th largest stay in
+        kth = scaled.topk(params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        return order[torch.multinomial(sorted_probs, 1, generator=generator)][0]
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+class RowSampler(LogitsProcessor):
+    """Samples each row with its own parameters; returns scores whose argmax is the sampled token."""
+
+    def __init__(self, rows: list[RowState], starts: list[int], eos_ids: frozenset[int], device: torch.device) -> None:
+        """`starts[i]`: the column of row i's first prompt token in `generate()`'s (left-padded) ids."""
+        self._rows = rows
+        self._starts = starts
+        self._eos = torch.tensor(sorted(eos_ids), device=device)
+        self._generators: list[torch.Generator | None] = [self._generator(row, device) for row in rows]
+
+    @staticmethod
+    def _generator(row: RowState, device: torch.device) -> torch.Generator | None:
+        params = row.request.sampling
+        if params.greedy:
+            return None
+        try:
+            generator = torch.Generator(device=device)
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
+            return generator
+        except Exception as error:  # noqa: BLE001 - e.g. a seed beyond 64 bits: this row fails, the others run
+            logger.warning("A request's sampling could not start (%s: %s); it fails alone", type(error).__name__, error)
+            row.fail(error)
+            return None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        chosen = scores.argmax(dim=-1)  # what rows that are done get: ignored, as generate() pads them
+        for i, row in enumerate(self._rows):
+            if row.done:
+                continue
+            try:
+                chosen[i] = self._choose(row, scores[i], input_ids[i, self._starts[i]:], self._generators[i])
+            except Exception as error:  # noqa: BLE001 - this row's values broke its sampling: it alone fails
+                logger.warning("Sampling failed for a request (%s: %s); it fails alone", type(error).__name__, error)
+                row.fail(error)
+        one_hot = torch.full_like(scores, float("-inf"))
+        one_hot.scatter_(1, chosen[:, None], 0.0)
+        return one_hot
+
+    def _choose(self, row: RowState, logits: torch.Tensor, tokens: torch.Tensor,
+                generator: torch.Generator | None) -> torch.Tensor:
+        params = row.request.sampling
+        logits = penalize(logits, tokens, params.repetition_penalty)
+        if params.ignore_eos or row.generated < params.min_tokens:
+            logits = logits.index_fill(0, self._eos, float("-inf"))
+        if params.greedy:
+            return logits.argmax()
+        return sample(logits, params, generator)
