@@ -4,6 +4,10 @@ Fetching and decoding images is CPU and network work; keeping it here leaves the
 free to spend their time on the model. Each image is resized to the pixel budget its request asks
 for (`image_url.detail`, or the `min_pixels`/`max_pixels` extension, within the operator's limits),
 and results are kept by content hash, so an image seen again is not decoded or processed again.
+
+Decoding memory is bounded per image (the header is checked, and JPEGs decode at the scale the
+budget keeps, before any pixel is decoded) and per replica: images decode in threads only while
+their pixels fit in the replica's `DecodeBudget`, later ones wait their turn.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from transformers import AutoImageProcessor
 
 from deployments.metrics import PreprocessMetrics
 from engine.checkpoints import checkpoint_source
-from engine.generate.engine import DTYPES
-from engine.images.decode import decode_image
+from engine.images.budget import DecodeBudget
+from engine.images.decode import OpenedImage, decode_opened, open_image
 from engine.images.fetch import load_image_bytes, make_client
+from engine.loader import DTYPES
 from serve_app.errors import ImageError, InvalidRequestError
 from serve_app.settings import ImageSettings, ModelSettings
 from serve_app.stage_types import ImageInput, PreprocessedImage
@@ -79,6 +84,7 @@ class ImagePreprocessor:
         # for 448x448) and in the cache. "auto" keeps float32: the device, hence the dtype, is not known here.
         self._dtype = DTYPES.get(model_settings.dtype, DTYPES["float32"])
         self._client = make_client(image_settings)
+        self._decoding = DecodeBudget(image_settings.decode_pixel_budget)
         self._metrics = PreprocessMetrics()
         # Bounded by the tensors' bytes, least recently used first out.
         self._cache: LRUCache = LRUCache(
@@ -92,7 +98,8 @@ class ImagePreprocessor:
         imports and first-use setup in Pillow and the processor), on every new replica."""
         png = io.BytesIO()
         Image.new("RGB", (64, 48), (128, 128, 128)).save(png, format="PNG")
-        self._to_tensors(png.getvalue(), "warm-up", PixelBudget(self._resolutions.floor, self._resolutions.auto))
+        budget = PixelBudget(self._resolutions.floor, self._resolutions.auto)
+        self._to_tensors(open_image(png.getvalue(), self._settings, "warm-up", budget.max_pixels), "warm-up", budget)
 
     async def process(self, image: ImageInput) -> PreprocessedImage:
         started = time.perf_counter()
@@ -107,8 +114,10 @@ class ImagePreprocessor:
             if cached is not None:
                 result = cached
             else:
-                # Decoding and the model's processor are CPU-bound: keep the event loop free for fetches.
-                result = await asyncio.to_thread(self._to_tensors, data, image.param, budget)
+                # Reading the header, decoding and the model's processor are CPU-bound: they run in
+                # threads, to keep the event loop free for fetches; decoding waits for its pixels' turn.
+                opened = await asyncio.to_thread(open_image, data, self._settings, image.param, budget.max_pixels)
+                result = await self._decoding.run_in_thread(opened.pixels, self._to_tensors, opened, image.param, budget)
                 if self._settings.cache_bytes and result.pixel_values.nbytes <= self._settings.cache_bytes:
                     self._cache[key] = result
         except InvalidRequestError:
@@ -120,8 +129,8 @@ class ImagePreprocessor:
     async def ping(self) -> bool:
         return True
 
-    def _to_tensors(self, data: bytes, param: str, budget: PixelBudget) -> PreprocessedImage:
-        picture = decode_image(data, self._settings, param)
+    def _to_tensors(self, opened: OpenedImage, param: str, budget: PixelBudget) -> PreprocessedImage:
+        picture = decode_opened(opened, self._settings, param)
         try:
             features = self._processor(
                 images=[picture], size=self._resolutions.processor_size(budget), return_tensors="pt"

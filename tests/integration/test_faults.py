@@ -284,12 +284,12 @@ def client(server: ServeProcess) -> OpenAI:
 
 IMAGE_FAULTS = {
     # path: (what the image server does, the error codes a client may see)
-    "/hang": ("accepts and never answers", {"image_fetch_timeout"}),
+    "/hang": ("accepts and never answers", {"image_fetch_failed"}),
     "/reset": ("resets the connection", {"image_fetch_failed"}),
     "/garbage-http": ("answers with bytes that are not HTTP", {"image_fetch_failed"}),
     "/garbage-image": ("answers 200 with a body that is no image", {"invalid_image"}),
     "/truncated": ("promises 100 kB, sends 200 bytes, hangs up", {"image_fetch_failed"}),
-    "/drip": ("sends one byte every 0.5 s, forever", {"image_fetch_timeout"}),
+    "/drip": ("sends one byte every 0.5 s, forever", {"image_fetch_failed"}),
 }
 
 
