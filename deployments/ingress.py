@@ -1,37 +1,36 @@
-"""Ingress: the HTTP face of the graph — OpenAI routes, errors, streaming and the web page.
+"""Ingress: the HTTP face of the graph. Its app (OpenAI routes, middleware, errors, the web page) is
+made per replica from the settings by serve_app/openai/app.py, and its routes call this deployment.
 
-It validates requests, sends images to the ImagePreprocessor (concurrently) and the prompt to the
+It takes validated requests, sends images to the ImagePreprocessor (concurrently) and the prompt to the
 VLMServer, which gets the preprocessor's tensors straight from it, and turns the token stream into
 OpenAI responses.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route annotations at runtime.
 import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, Response
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.middleware import Middleware
 
 from deployments.metrics import CountRequests, IngressMetrics
+from deployments.rate_budget import Budget, RateLimitGate
 from serve_app.errors import (
     APIError,
-    ErrorResponse,
     ModelNotFoundError,
     RateLimitError,
     ServiceUnavailableError,
     unwrap,
 )
-from serve_app.openai.auth import Authenticator, Principal, load_keys
-from serve_app.openai.body_limit import BodySizeLimit
-from serve_app.openai.conversation import estimate_tokens, sampling_params, split_request
-from serve_app.openai.errors_http import install_handlers
+from serve_app.openai.app import build_api
+from serve_app.openai.auth import Authenticator, Principal
+from serve_app.openai.conversation import check_prompt_length, estimate_tokens, sampling_params, split_request
 from serve_app.openai.protocol import (
     ChatCompletion,
     ChatCompletionMessage,
@@ -42,11 +41,9 @@ from serve_app.openai.protocol import (
     ModelList,
     completion_id,
 )
-from serve_app.openai.ratelimit_headers import RATE_LIMIT_HEADERS, ratelimit_headers
 from serve_app.openai.sse import chat_completion_events
 from serve_app.settings import IngressSettings, ModelSettings
-from serve_app.stage_types import GenerationChunk, GenerationRequest, ModelInfo, RateDecision
-from serve_app.web.router import router as web_router
+from serve_app.stage_types import GenerationChunk, GenerationRequest, ModelInfo
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,35 +51,9 @@ _READY_TIMEOUT_S = 3.0
 _BACKPRESSURE = (BackPressureError,)
 _UNAVAILABLE = (DeploymentUnavailableError, ReplicaUnavailableError, ActorDiedError, ActorUnavailableError)
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
-
-api = FastAPI(
-    title="vlm-serve",
-    summary="OpenAI-compatible chat completions with images, on Ray Serve.",
-    responses=_ERRORS,
-)
-install_handlers(api)
-api.include_router(web_router)  # the chat page at / and its assets under /static
-
-
-class _Budget:
-    """One request's rate-limit reservation, settled exactly once with the tokens really used."""
-
-    def __init__(self, limiter: DeploymentHandle | None, principal: Principal, decision: RateDecision | None) -> None:
-        self._limiter = limiter
-        self._principal = principal
-        self._decision = decision
-        self.headers = ratelimit_headers(decision)
-
-    async def settle(self, tokens_used: int) -> None:
-        if self._limiter is None or self._decision is None or self._decision.reservation is None:
-            return
-        reservation, self._decision = self._decision.reservation, None
-        await self._limiter.settle.remote(self._principal.name, reservation, tokens_used)
-
 
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress()  # the app is made per replica, from its settings, by __serve_build_asgi_app__
 class Ingress:
     def __init__(
         self,
@@ -96,32 +67,20 @@ class Ingress:
         self._model = model
         self._preprocessor = preprocessor
         self._vlm = vlm
-        self._rate_limiter = rate_limiter
+        self._rate_gate = RateLimitGate(rate_limiter, settings.rate_limits)
         self._created = int(time.time())
         self._model_info: ModelInfo | None = None
-        self._auth = Authenticator(load_keys(settings), settings.rate_limits)
+        # A key source that yields no key stops the replica here (KeySourceError): fail closed.
+        self._auth = Authenticator.from_settings(settings)
         if self._auth.open:
             logger.warning("No API keys are configured: /v1 is OPEN to anyone who can reach this server.")
         else:
             logger.info("API keys are required on /v1 (%d configured).", self._auth.key_count)
-        # The app object is per replica process, and no request has reached it yet.
-        cors = settings.cors
-        api.add_middleware(
-            CORSMiddleware,
-            allow_origins=cors.allow_origins,
-            allow_methods=cors.allow_methods,
-            allow_headers=cors.allow_headers,
-            allow_credentials=cors.allow_credentials,
-            expose_headers=[*RATE_LIMIT_HEADERS, "Retry-After"],
-            max_age=cors.max_age_s,
-        )
-        api.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
         self._metrics = IngressMetrics()
-        api.add_middleware(CountRequests, counter=self._metrics.requests)
 
-    def _authenticate(self, request: Request) -> Principal:
-        client = request.client.host if request.client else "unknown"
-        return self._auth.authenticate(request.headers.get("authorization"), client)
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        counter = Middleware(CountRequests, counter=self._metrics.requests)
+        return build_api(self._settings, self, self._auth, outer_middleware=[counter])
 
     # ---- models ------------------------------------------------------------------------------
 
@@ -134,18 +93,15 @@ class Ingress:
         info = await self._info()
         return [
             Model(id=name, created=self._created, owned_by=self._model.owned_by,
-                  quantization=info.quantization, max_model_len=info.max_model_len)
+                  quantization=info.quantization, max_model_len=info.max_model_len,
+                  generation_defaults=info.generation_defaults)
             for name in self._model.names
         ]
 
-    @api.get("/v1/models", response_model=ModelList)
-    async def list_models(self, request: Request) -> ModelList:
-        self._authenticate(request)
+    async def list_models(self) -> ModelList:
         return ModelList(data=await self._models())
 
-    @api.get("/v1/models/{model_id:path}", response_model=Model)
-    async def get_model(self, model_id: str, request: Request) -> Model:
-        self._authenticate(request)
+    async def get_model(self, model_id: str) -> Model:
         for model in await self._models():
             if model.id == model_id:
                 return model
@@ -156,7 +112,6 @@ class Ingress:
             f"The model `{name}` does not exist. Served models: {', '.join(self._model.names)}.", param="model"
         )
 
-    @api.get("/health")
     async def health(self) -> dict:
         """Ready when every stage of the graph answers; 503 (OpenAI-shaped) otherwise."""
         await self._ensure_model_ready()
@@ -177,15 +132,15 @@ class Ingress:
 
     # ---- chat completions --------------------------------------------------------------------
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletion)
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request, response: Response):
+    async def chat_completions(self, body: ChatCompletionRequest, principal: Principal, response: Response):
         started = time.perf_counter()
-        principal = self._authenticate(request)
         if body.model not in self._model.names:
             raise self._unknown_model(body.model)
         messages, image_inputs = split_request(body, self._settings)
-        sampling = sampling_params(body, self._settings)
-        await self._ensure_model_ready()
+        info = await self._info()
+        # Oversized text is refused here, before the model stage spends time tokenizing it.
+        check_prompt_length(body, info.max_prompt_chars, info.max_model_len)
+        sampling = sampling_params(body, self._settings, info.generation_defaults)
         budget = await self._admit(principal, estimate_tokens(body, self._model.default_max_tokens))
         try:
             # The preprocessor's responses go to the model stage as they are: Serve hands each to it as
@@ -194,41 +149,34 @@ class Ingress:
             images = [self._preprocessor.process.remote(image) for image in image_inputs]
             generation = GenerationRequest(messages=messages, images=[], sampling=sampling)
             stream = self._observed(self._vlm.options(stream=True).generate.remote(generation, *images), started)
+            # The budget settles from the stream itself, however it ends (done, failed, or cut).
+            stream = budget.metered(stream)
             # Request errors arrive here, before any byte is sent: the image stage's too.
             first = await self._call(anext(stream))
-        except APIError as exc:
-            await budget.settle(0)
-            exc.extra_headers = budget.headers
+        except BaseException as exc:
+            budget.settle()
+            if isinstance(exc, APIError):
+                exc.extra_headers = budget.headers
             raise
         cid = completion_id()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = chat_completion_events(stream, first, cid, body.model, include_usage, budget.settle)
+            events = chat_completion_events(stream, first, cid, body.model, include_usage)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **budget.headers}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         try:
             completion = await self._call(self._collect(stream, first, cid, body.model))
-        except BaseException:
-            await budget.settle(0)
-            raise
-        await budget.settle(completion.usage.total_tokens)
+        finally:
+            budget.settle()
         response.headers.update(budget.headers)
         return completion
 
-    async def _admit(self, principal: Principal, tokens: int) -> "_Budget":
-        if self._rate_limiter is None or not principal.limits.enabled:
-            return _Budget(None, principal, None)
-        decision: RateDecision = await self._rate_limiter.admit.remote(principal.name, tokens, principal.limits)
-        if not decision.admitted:
+    async def _admit(self, principal: Principal, tokens: int) -> Budget:
+        try:
+            return await self._rate_gate.admit(principal, tokens)
+        except RateLimitError:
             self._metrics.rate_limited.inc()
-            error = RateLimitError(
-                f"Rate limit reached for {principal.name.split(':', 1)[0]} requests. "
-                f"Please try again in {decision.retry_after_s:.1f}s.",
-                retry_after_s=decision.retry_after_s,
-            )
-            error.extra_headers = ratelimit_headers(decision)
-            raise error
-        return _Budget(self._rate_limiter, principal, decision)
+            raise
 
     async def _observed(self, stream, started: float) -> AsyncIterator[GenerationChunk]:
         """The model stage's stream, timed into the metrics; cancelled upstream if abandoned."""

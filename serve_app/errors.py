@@ -23,7 +23,11 @@ class ErrorResponse(BaseModel):
 
 
 class APIError(Exception):
-    """Base of all client-visible errors; subclasses fix status, type and default code."""
+    """Base of all client-visible errors; subclasses fix status, type and default code.
+
+    A client error (4xx) never has the type `server_error`: OpenAI's clients read the type to decide
+    whose fault a failure was. `error_for_status` makes errors for statuses no class names.
+    """
 
     status_code: int = 500
     error_type: str = "server_error"
@@ -114,6 +118,14 @@ class ServiceUnavailableError(RetryableError):
     status_code = 503
     error_type = "server_error"
     default_code = "service_unavailable"
+
+
+def error_for_status(status: int, message: str, code: str | None = None) -> APIError:
+    """An error for a status that no class here names (a framework's 405 or 415, say): a client error
+    (4xx) is an `invalid_request_error`, a server error (5xx) a `server_error`."""
+    error: APIError = InvalidRequestError(message, code=code) if status < 500 else APIError(message, code=code)
+    error.status_code = status
+    return error
 
 
 def unwrap(exc: BaseException) -> APIError | None:

@@ -87,6 +87,8 @@ class SamplingParams:
     max_tokens: int | None  # None: as many as the context window and the model's default allow
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off; as transformers applies it, over prompt and output tokens
     stop: tuple[str, ...] = ()
     seed: int | None = None
     min_tokens: int = 0
@@ -130,7 +132,7 @@ class RateDecision:
     """The RateLimiter's answer to one request."""
 
     admitted: bool
-    reservation: int | None
+    reservation: str | None  # random, so it never matches a reservation of a restarted limiter
     retry_after_s: float
     requests: LimitState | None
     tokens: LimitState | None
@@ -147,3 +149,8 @@ class ModelInfo:
     device: str
     token_budget: int | None  # what the replica admits in flight; None: unbounded
     max_images_in_flight: int | None
+    # What a request's left-out sampling fields get: temperature, top_p, top_k, repetition_penalty where
+    # the model sets them (generation_config.json, then its YAML), and max_tokens.
+    generation_defaults: dict[str, float | int] = field(default_factory=dict)
+    # Messages with more characters of text than this cannot fit in max_model_len tokens.
+    max_prompt_chars: int | None = None

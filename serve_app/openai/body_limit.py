@@ -1,12 +1,15 @@
-"""A request-body size cap, enforced while the body streams in.
+"""A request-body size cap, enforced before routing, whatever the transfer encoding.
 
-Written by hand because Starlette and FastAPI offer none: a declared Content-Length over the cap
-is refused at once, and a chunked body is cut off as soon as it passes the cap, so an oversized
-upload never sits whole in memory.
+A declared Content-Length over the cap is refused without reading a byte. Otherwise the body is read
+here, message by message, and refused as soon as it passes the cap, so a chunked upload cannot slip
+past it and no parser or route ever sees an oversized body; a body within the cap is handed on whole.
+Written by hand because Starlette's own limit (`max_body_size`) only checks when a route reads the
+body and sits outside the app's middleware, so its 413 is plain text without CORS headers.
 """
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import PayloadTooLargeError
@@ -18,37 +21,43 @@ class BodySizeLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    def _error(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(f"The request body is larger than the limit of {self.max_bytes} bytes.")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = PayloadTooLargeError(f"The request body is larger than the limit of {self.max_bytes} bytes.")
+        await error_response(error)(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(self._error())(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
             return
 
-        seen = 0
-        response_started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._error()
-            return message
+            if message["type"] == "http.disconnect":
+                return  # the client left before its body was complete: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
+        body = b"".join(chunks)
+        delivered = False
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except PayloadTooLargeError as exc:
-            if not response_started:
-                await error_response(exc)(scope, receive, send)
+        async def replay() -> Message:
+            # The whole body once, then the client's own messages (a disconnect, for streams).
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from serve_app.errors import InvalidRequestError
+from collections.abc import Mapping
+
+from serve_app.errors import ContextLengthError, InvalidRequestError
 from serve_app.openai.protocol import (
     ChatCompletionContentPartImage,
     ChatCompletionRequest,
@@ -51,7 +53,26 @@ def split_request(
     return messages, images
 
 
-def sampling_params(request: ChatCompletionRequest, limits: IngressSettings) -> SamplingParams:
+def check_prompt_length(request: ChatCompletionRequest, max_prompt_chars: int | None, max_model_len: int) -> None:
+    """Refuse messages with more text than the context window can hold, before anything tokenizes them.
+
+    `max_prompt_chars` comes from the model stage: max_model_len times the characters its longest
+    token stands for (no token stands for more), so text over it is sure not to fit.
+    """
+    chars = text_chars(request)
+    if max_prompt_chars is not None and chars > max_prompt_chars:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your messages have "
+            f"{chars} characters, more than {max_model_len} tokens can hold. Please reduce the length of the messages.",
+            param="messages",
+        )
+
+
+def sampling_params(
+    request: ChatCompletionRequest, limits: IngressSettings, defaults: Mapping[str, float] | None = None
+) -> SamplingParams:
+    """The request's sampling values; a field it leaves out takes the model's default from `defaults`
+    (ModelInfo.generation_defaults), else OpenAI's."""
     max_tokens = request.requested_max_tokens
     if max_tokens is not None and max_tokens > limits.max_tokens_ceiling:
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
@@ -62,15 +83,34 @@ def sampling_params(request: ChatCompletionRequest, limits: IngressSettings) -> 
         )
     if request.min_tokens and max_tokens is not None and request.min_tokens > max_tokens:
         raise InvalidRequestError("min_tokens must not exceed max_tokens.", param="min_tokens")
+    model = defaults or {}
+
+    def pick(name: str, openai_default: float) -> float:
+        asked = getattr(request, name)
+        return asked if asked is not None else model.get(name, openai_default)
+
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
+        temperature=float(pick("temperature", 1.0)),
+        top_p=float(pick("top_p", 1.0)),
+        top_k=int(pick("top_k", 0)),
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
         stop=tuple(request.stop_sequences),
         seed=request.seed,
         min_tokens=request.min_tokens,
         ignore_eos=request.ignore_eos,
     )
+
+
+def text_chars(request: ChatCompletionRequest) -> int:
+    """Characters of text in the request's messages."""
+    chars = 0
+    for message in request.messages:
+        if isinstance(message.content, str):
+            chars += len(message.content)
+        elif message.content:
+            chars += sum(len(part.text) for part in message.content if not isinstance(part, ChatCompletionContentPartImage))
+    return chars
 
 
 # A rough upper estimate used only to reserve a token budget before the prompt is tokenized;
@@ -80,16 +120,10 @@ _TOKENS_PER_IMAGE = 256
 
 
 def estimate_tokens(request: ChatCompletionRequest, default_max_tokens: int) -> int:
-    chars = 0
-    images = 0
-    for message in request.messages:
-        if isinstance(message.content, str):
-            chars += len(message.content)
-        elif message.content:
-            for part in message.content:
-                if isinstance(part, ChatCompletionContentPartImage):
-                    images += 1
-                else:
-                    chars += len(part.text)
+    images = sum(
+        isinstance(part, ChatCompletionContentPartImage)
+        for message in request.messages if isinstance(message.content, list)
+        for part in message.content
+    )
     completion = request.requested_max_tokens or default_max_tokens
-    return chars // _CHARS_PER_TOKEN + images * _TOKENS_PER_IMAGE + completion
+    return text_chars(request) // _CHARS_PER_TOKEN + images * _TOKENS_PER_IMAGE + completion

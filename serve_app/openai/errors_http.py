@@ -1,7 +1,8 @@
 """OpenAI's error body over HTTP: the one place where the error hierarchy meets status codes.
 
-`install_handlers` routes every failure of the FastAPI app (our APIErrors, schema errors, Starlette's
-404 and 405, anything unexpected) through `error_response`.
+`install_handlers` routes the FastAPI app's failures (our APIErrors, schema errors, Starlette's
+404, 405 and body errors) through `error_response`; `UnexpectedErrors`, a middleware, answers
+whatever else escapes with a 500 in the same shape.
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ import logging
 from typing import Any
 
 from fastapi import Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.errors import APIError, InvalidRequestError, NotFoundError, unwrap
+from serve_app.errors import (
+    APIError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    error_for_status,
+    unwrap,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,7 +78,7 @@ def validation_error(errors: list[ErrorDetails] | list[dict[str, Any]]) -> Inval
 
 
 def install_handlers(app: Any) -> None:
-    """Route every failure of a FastAPI app through OpenAI's error body."""
+    """Route the failures a FastAPI app answers itself through OpenAI's error body."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -78,25 +86,60 @@ def install_handlers(app: Any) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(jsonable_encoder(exc.errors())))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        known = unwrap(exc)
-        if known is not None:
-            return error_response(known)
-        logger.exception("Unhandled error while serving a request")
-        return error_response(APIError("The server had an error while processing your request."))
+        # Only where and what, never the offending input: it may be the whole (deeply nested) body.
+        errors = [{"type": e.get("type"), "loc": e.get("loc", ()), "msg": e.get("msg")} for e in exc.errors()]
+        return error_response(validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            return error_response(NotFoundError(f"Unknown path. {exc.detail}"))
-        if exc.status_code == 405:
-            error = InvalidRequestError("Method not allowed.", code="method_not_allowed")
-            response = error_response(error)
-            response.status_code = 405
-            return response
-        error = APIError(str(exc.detail))
-        error.status_code = exc.status_code
-        return error_response(error)
+        return error_response(http_error(exc))
+
+
+def http_error(exc: StarletteHTTPException) -> APIError:
+    """The framework's own refusals (unknown path, wrong method, a body it cannot read) as our errors."""
+    if exc.status_code == 404:
+        return NotFoundError(f"Unknown path. {exc.detail}")
+    if exc.status_code == 405:
+        return error_for_status(405, "Method not allowed.", code="method_not_allowed")
+    if exc.status_code == 413:
+        return PayloadTooLargeError("The request body is too large.")
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        return InvalidRequestError("The JSON body of your request is nested too deeply.", code="invalid_json")
+    if exc.status_code == 400:
+        # FastAPI's "There was an error parsing the body": a body its JSON decoder gave up on.
+        return InvalidRequestError("We could not parse the JSON body of your request.", code="invalid_json")
+    return error_for_status(exc.status_code, str(exc.detail))
+
+
+class UnexpectedErrors:
+    """ASGI middleware: any exception that escapes the app becomes OpenAI's 500 body (logged here).
+
+    It sits inside CORS, so a 500 carries the same CORS headers as any other answer, which Starlette's
+    own last-resort handler (outside every middleware) cannot give. Once a response has started (a
+    stream), there is nothing left to answer: the exception goes on to Serve, which logs it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            known = unwrap(exc)
+            if known is None:
+                logger.exception("Unhandled error while serving a request")
+                known = APIError("The server had an error while processing your request.")
+            await error_response(known)(scope, receive, send)

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.settings import GREEDY_BELOW_TEMPERATURE
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -80,16 +82,31 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# Stop sequences per request (OpenAI's limit), and characters per stop sequence: the engine holds back
+# up to that much text at every step of every sequence to find them.
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+# Seeds are 64-bit signed integers, as torch's generators (and vLLM) take them.
+_INT64 = 2**63
+
+
 class ChatCompletionRequest(_Request):
+    """Sampling fields left out (None) take the served model's defaults (`generation_defaults` in
+    `/v1/models`), else OpenAI's: temperature 1, top_p 1, no top_k, no repetition penalty."""
+
     model: str
     messages: list[ChatCompletionMessageParam] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer max_tokens.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description=f"0 (or below {GREEDY_BELOW_TEMPERATURE:g}): greedy decoding."
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_SEQUENCES} sequences of up to {MAX_STOP_CHARS} characters."
+    )
+    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -98,15 +115,37 @@ class ChatCompletionRequest(_Request):
     # Extensions (vLLM's names): force a fixed completion length so benchmarks are comparable.
     min_tokens: int = Field(0, ge=0, description="Extension: generate at least this many tokens.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
+    # Extensions (vLLM's names and meanings): sampling controls OpenAI's API does not have.
+    top_k: int | None = Field(
+        None, ge=-1, lt=2**31, description="Extension: sample among the k likeliest tokens; 0 or -1: all of them."
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=2.0,
+        description="Extension: divide the logits of tokens already in the prompt or the answer by this "
+        "(multiply the negative ones), as transformers does; 1: off.",
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float | None) -> float | None:
+        # Dividing logits by a smaller temperature overflows; vLLM samples greedily below it too.
+        return 0.0 if value is not None and value < GREEDY_BELOW_TEMPERATURE else value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, value: int | None) -> int | None:
+        return 0 if value == -1 else value
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters long")
         return stops
 
     @model_validator(mode="after")
@@ -208,6 +247,9 @@ class Model(BaseModel):
     # Extension: how the weights are stored ("none", "gptq-4bit", ...), so clients can tell.
     quantization: str = "none"
     max_model_len: int | None = None
+    # Extension: what a request's left-out fields get (temperature, top_p, top_k, repetition_penalty
+    # where the model sets them; max_tokens), from the model's generation_config.json and its YAML.
+    generation_defaults: dict[str, int | float] | None = None
 
 
 class ModelList(BaseModel):

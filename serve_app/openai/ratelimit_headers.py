@@ -13,8 +13,9 @@ def _duration(seconds: float) -> str:
     """OpenAI writes resets as '1s', '6m0s', '20ms'."""
     if seconds < 1:
         return f"{int(seconds * 1000)}ms"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.0f}s"
+    # Whole seconds first, so 59.7 s reads '1m0s', never '60s'.
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 def ratelimit_headers(decision: RateDecision | None) -> dict[str, str]:

@@ -342,6 +342,26 @@ def test_sample_images_from_the_generator_are_offered(chat: ChatPage) -> None:
     expect(page.locator("#prompt")).to_have_value(first["prompt"])
 
 
+def test_every_sample_image_gets_its_right_answer_at_the_page_defaults(chat: ChatPage) -> None:
+    """A new user's first clicks: pick a sample, send its question as the page fills it in, and read a
+    right answer, with the sampling controls as the page starts them (the model's defaults)."""
+    from demo.vqa_data import is_correct, web_samples
+
+    page = chat.page
+    chat.wait_for_models()
+    for sample in web_samples():
+        page.get_by_role("button", name=re.compile(f"Attach sample image: {re.escape(sample.question_type)}"
+                                                     f" \\({sample.lang}\\)")).click()
+        expect(page.locator("#prompt")).to_have_value(sample.question)
+        page.press("#prompt", "Enter")
+        shown = chat.wait_answer().locator(".answer-body").inner_text().strip()
+        assert is_correct(shown, sample.answer), (sample.question, shown, sample.answer)
+        page.click("#clear")  # the demo model answers one question about one picture at a time
+    for body in chat.bodies():
+        assert not {"temperature", "top_p", "max_tokens", "max_completion_tokens"} & set(body)
+    chat.assert_clean()
+
+
 # ---- sampling controls: the model's generation defaults -------------------------------------
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_app.cli.bench import RequestResult, aggregate, parse_image_sizes, percentile, poisson_delays, summarize
+
 from serve_app.cli import bench
+from serve_app.cli.bench import RequestResult, aggregate, parse_image_sizes, percentile, poisson_delays, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 

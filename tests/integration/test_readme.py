@@ -1,4 +1,5 @@
-"""The README's examples run as written against a real server (only the host and image differ)."""
+"""The README's examples run as written against a real server (only the host differs), and give the
+answers the README shows beside them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from tests.support.images import ImageServer, png_bytes
 
 pytestmark = pytest.mark.integration
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -27,6 +26,15 @@ def on_server(code: str, base_url: str) -> str:
     return code.replace("http://127.0.0.1:8000", base_url)
 
 
+def shown_answer(language: str, containing: str) -> str:
+    """The answer the README shows in the sentence right after the example's block."""
+    code = block(language, containing)
+    after = README[README.index(code) + len(code):]
+    match = re.search(r"```\n\n[^`]*`([^`]+)`", after)
+    assert match, f"no answer shown after the {language} example"
+    return match.group(1)
+
+
 def test_readme_opens_with_the_two_setup_commands() -> None:
     commands = re.findall(r"```bash\n(.*?)```", README, re.S)[:2]
     assert commands[0].strip().endswith("serve run serve_config.yaml")
@@ -40,14 +48,18 @@ def test_curl_example(server) -> None:
                          capture_output=True, text=True, timeout=120, check=True).stdout
     answer = json.loads(out)
     assert answer["object"] == "chat.completion" and answer["usage"]["prompt_tokens"] > 10
+    assert shown_answer("bash", "curl") == "It is red."
+    assert answer["choices"][0]["message"]["content"] == shown_answer("bash", "curl")
+    assert answer["choices"][0]["finish_reason"] == "stop"
 
 
-def test_python_sdk_example(server, image_server: ImageServer, capsys: pytest.CaptureFixture) -> None:
-    image_server.files["/circle.png"] = (png_bytes((96, 96)), "image/png")
+def test_python_sdk_example(server, capsys: pytest.CaptureFixture) -> None:
     code = on_server(block("python", "from openai import OpenAI"), server.base_url)
-    code = re.sub(r"https://upload\.wikimedia\.org/\S+?\.png", image_server.url("/circle.png"), code)
     exec(compile(code, "README.md", "exec"), {})
-    assert "completion_tokens=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    text, _, usage = printed.partition("\n")
+    assert text == shown_answer("python", "from openai import OpenAI") == "It is a circle."
+    assert "completion_tokens=" in usage
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
@@ -56,6 +68,7 @@ def test_fetch_example_in_node(server, tmp_path: Path) -> None:
     script.write_text(on_server(block("javascript", "fetch("), server.base_url))
     out = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "prompt_tokens" in out
+    assert out.startswith(shown_answer("javascript", "fetch(") + " ")
 
 
 def test_protection_example_is_a_valid_config() -> None:

@@ -9,12 +9,13 @@ from pydantic import ValidationError
 
 from serve_app.errors import (
     APIError,
+    ContextLengthError,
     ImageError,
     InvalidRequestError,
     RateLimitError,
     unwrap,
 )
-from serve_app.openai.conversation import sampling_params, split_request
+from serve_app.openai.conversation import check_prompt_length, sampling_params, split_request, text_chars
 from serve_app.openai.errors_http import param_from_loc, validation_error
 from serve_app.openai.protocol import ChatCompletionRequest
 from serve_app.settings import IngressSettings
@@ -115,3 +116,97 @@ def test_unwrap_finds_the_cause() -> None:
     assert unwrap(wrapped) is cause
     assert unwrap(ValueError("x")) is None
     assert isinstance(unwrap(cause), APIError)
+
+
+# ---- ranges the engines rely on ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"seed": 2**63}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"stop": "x" * 257}, "stop"),
+        ({"stop": ["ok", "y" * 10_000]}, "stop"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2**31}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": 2.5}, "repetition_penalty"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ],
+)
+def test_out_of_range_sampling_values_name_the_param(fields: dict, param: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        request(**fields)
+    error = validation_error([{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()])
+    assert (error.status_code, error.param) == (400, param)
+
+
+def test_values_at_the_edges_of_the_ranges_are_accepted() -> None:
+    body = request(seed=2**63 - 1, stop=["z" * 256] * 4, top_k=-1, repetition_penalty=2.0)
+    params = sampling_params(body, LIMITS)
+    assert params.seed == 2**63 - 1 and params.stop == ("z" * 256,) * 4
+    assert params.top_k == 0  # vLLM's -1: off
+    assert sampling_params(request(seed=-(2**63)), LIMITS).seed == -(2**63)
+
+
+@pytest.mark.parametrize("tiny", [1e-45, 5e-324, 9.9e-6])
+def test_temperatures_too_small_to_divide_by_are_greedy(tiny: float) -> None:
+    assert request(temperature=tiny).temperature == 0.0
+    assert sampling_params(request(temperature=tiny), LIMITS).greedy
+
+
+def test_a_small_but_usable_temperature_is_kept() -> None:
+    assert request(temperature=1e-5).temperature == 1e-5
+
+
+# ---- sampling defaults: the request wins, then the model's, then OpenAI's ------------------------
+
+MODEL_DEFAULTS = {"temperature": 0.0, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 128}
+
+
+def test_left_out_fields_take_the_models_defaults() -> None:
+    params = sampling_params(request(), LIMITS, MODEL_DEFAULTS)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.0, 0.8, 20, 1.05)
+    assert params.max_tokens is None  # the model stage fills it within the context window
+
+
+def test_fields_the_request_sets_win_over_the_models_defaults() -> None:
+    body = request(temperature=0.7, top_p=0.5, top_k=0, repetition_penalty=1.0)
+    params = sampling_params(body, LIMITS, MODEL_DEFAULTS)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.5, 0, 1.0)
+    # one field set, the others still the model's
+    params = sampling_params(request(temperature=1.0), LIMITS, MODEL_DEFAULTS)
+    assert (params.temperature, params.top_p, params.top_k) == (1.0, 0.8, 20)
+
+
+def test_without_model_defaults_openai_defaults_apply() -> None:
+    params = sampling_params(request(), LIMITS, {"max_tokens": 64})
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (1.0, 1.0, 0, 1.0)
+    assert sampling_params(request(), LIMITS) == params
+
+
+def test_left_out_means_none_on_the_wire_model() -> None:
+    body = request()
+    assert (body.temperature, body.top_p, body.top_k, body.repetition_penalty) == (None, None, None, None)
+
+
+# ---- the cheap bound on prompt text ----------------------------------------------------------------
+
+
+def test_text_beyond_what_the_context_window_can_hold_is_refused_unread() -> None:
+    parts = [{"type": "text", "text": "a" * 600}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+             {"type": "text", "text": "b" * 400}]
+    body = request(messages=[{"role": "system", "content": "s" * 24}, {"role": "user", "content": parts}])
+    assert text_chars(body) == 1024
+    check_prompt_length(body, 1024, 16)  # at the bound: the model stage decides
+    check_prompt_length(body, None, 16)  # no bound known
+    with pytest.raises(ContextLengthError) as info:
+        check_prompt_length(body, 1023, 16)
+    assert info.value.body().error.model_dump() == {
+        "message": info.value.message, "type": "invalid_request_error", "param": "messages",
+        "code": "context_length_exceeded",
+    }
+    assert "16 tokens" in info.value.message
