@@ -727,13 +727,8 @@ def vocabulary_corpus() -> list[str]:
     return lines
 
 
-def write_web_samples(out_dir: str | Path, n: int = 6) -> list[dict[str, str]]:
-    """A few held-out samples, one per question type and language, for the chat page to offer.
-
-    Writes PNGs and `index.json` (the page's format: file, title, prompt) to `out_dir`.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def web_samples(n: int = 6) -> list[VQASample]:
+    """The held-out samples the chat page offers: the first of each question type and language."""
     picked: list[VQASample] = []
     seen: set[tuple[str, str]] = set()
     for sample in generate("test", 200):
@@ -742,8 +737,18 @@ def write_web_samples(out_dir: str | Path, n: int = 6) -> list[dict[str, str]]:
             picked.append(sample)
         if len(picked) == n:
             break
+    return picked
+
+
+def write_web_samples(out_dir: str | Path, n: int = 6) -> list[dict[str, str]]:
+    """A few held-out samples, one per question type and language, for the chat page to offer.
+
+    Writes PNGs and `index.json` (the page's format: file, title, prompt) to `out_dir`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     index = []
-    for i, sample in enumerate(picked, 1):
+    for i, sample in enumerate(web_samples(n), 1):
         name = f"sample-{i}-{sample.question_type}-{sample.lang}.png"
         sample.image.save(out / name, optimize=True)
         index.append({"file": name, "title": f"{sample.question_type} ({sample.lang})", "prompt": sample.question})
