@@ -35,11 +35,10 @@ import torch
 
 from engine.continuous.runner import ModelRunner, Pending
 from engine.continuous.scheduler import Group, Scheduler, SlotRow
-from engine.detokenizer import Detokenizer
+from engine.in_process import InProcessEngine
 from engine.loader import LoadedModel
-from engine.prompts import PreparedRequest, Prompter
-from engine.protocol import Engine, StepCallback, deliver
-from serve_app.settings import ModelSettings
+from engine.prompts import PreparedRequest
+from engine.protocol import StepCallback, deliver
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,14 +79,11 @@ class BusyPeriod:
                 f"({tokens} tokens, {host:.3f}s on the host: {each})")
 
 
-class ContinuousEngine(Engine):
+class ContinuousEngine(InProcessEngine):
     """The engine interface over a scheduler and a model runner, on one engine thread."""
 
     def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
-        self._prompter = Prompter(loaded.settings, loaded.processor)
-        # Rows made from now on decode with this class (tests and benchmarks put a recording subclass here).
-        self.detokenizer_type: type[Detokenizer] = Detokenizer
+        super().__init__(loaded)
         self.runner = ModelRunner(loaded)
         options = loaded.settings.continuous
         self.scheduler = Scheduler(self.runner.slots, self.runner.max_len, options.max_prefill_tokens,
@@ -108,24 +104,6 @@ class ContinuousEngine(Engine):
                     self.scheduler.buckets, steps.use_graphs, steps.compiled)
         if steps.use_graphs:
             self.call(lambda: self.runner.warmup(self.scheduler.buckets))
-
-    # ---- what is served -------------------------------------------------------------------------
-
-    @property
-    def settings(self) -> ModelSettings:
-        return self.loaded.settings
-
-    @property
-    def quantization(self) -> str:
-        return self.loaded.quantization
-
-    @property
-    def device(self) -> str:
-        return str(self.loaded.device)
-
-    @property
-    def prompter(self) -> Prompter:
-        return self._prompter
 
     # ---- requests -------------------------------------------------------------------------------
 

@@ -22,26 +22,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from engine.detokenizer import Detokenizer
 from engine.generate.sampling import RowSampler
+from engine.in_process import InProcessEngine
 from engine.loader import LoadedModel
-from engine.prompts import PreparedRequest, Prompter
-from engine.protocol import Engine, StepCallback, StepOutput, deliver
+from engine.prompts import PreparedRequest
+from engine.protocol import StepCallback, StepOutput, deliver
 from engine.quant.gptq import generation_kwargs
 from engine.rows import RowState
-from serve_app.settings import ModelSettings
 
 logger = logging.getLogger("ray.serve")
 
 
-class GenerateEngine(Engine):
+class GenerateEngine(InProcessEngine):
     """The engine interface over `model.generate()`, one batch at a time."""
 
     def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
-        self._prompter = Prompter(loaded.settings, loaded.processor)
-        # Rows made from now on decode with this class (tests and benchmarks put a recording subclass here).
-        self.detokenizer_type: type[Detokenizer] = Detokenizer
+        super().__init__(loaded)
         self._generation_extra = generation_kwargs(loaded.settings.quantization)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._lock = threading.Lock()
@@ -49,24 +45,6 @@ class GenerateEngine(Engine):
         self._rows: list[RowState] = []  # the running batch's
         self._last_step_at = time.monotonic()
         self._closed = False
-
-    # ---- what is served -------------------------------------------------------------------------
-
-    @property
-    def settings(self) -> ModelSettings:
-        return self.loaded.settings
-
-    @property
-    def quantization(self) -> str:
-        return self.loaded.quantization
-
-    @property
-    def device(self) -> str:
-        return str(self.loaded.device)
-
-    @property
-    def prompter(self) -> Prompter:
-        return self._prompter
 
     # ---- requests -------------------------------------------------------------------------------
 
