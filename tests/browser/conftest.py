@@ -1,4 +1,4 @@
-"""Browser fixtures: one headless Chromium for the session, and a fresh tab on the default server's
+"""Browser fixtures: one headless Chromium per test module, and a fresh tab on the default server's
 chat page per test (tests/support/page.py). Without Playwright or Debian's chromium this folder is
 skipped, with the reason in the report."""
 
@@ -19,7 +19,9 @@ if not CHROMIUM.exists():
     )
 
 
-@pytest.fixture(scope="session")
+# Module scope, never session: while a browser is open Playwright's sync API keeps an event loop
+# running on the main thread, and every later test that calls asyncio.run() would fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     with chromium() as launched:
         yield launched
