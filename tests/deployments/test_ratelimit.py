@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -26,6 +24,8 @@ from serve_app.errors import RateLimitError, ServiceUnavailableError
 from serve_app.openai.auth import Principal
 from serve_app.settings import RateLimitSettings
 from serve_app.stage_types import GenerationChunk
+from tests.support.concurrency import admit_from_threads
+from tests.support.concurrency import tiny_switch_interval as switching_often
 
 
 def run(result: Any) -> Any:
@@ -35,37 +35,8 @@ def run(result: Any) -> Any:
 
 @pytest.fixture
 def tiny_switch_interval() -> Iterator[None]:
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with switching_often():
         yield
-    finally:
-        sys.setswitchinterval(previous)
-
-
-def admit_from_threads(replica: RateLimiter, limits: RateLimitSettings) -> tuple[int, list[Exception]]:
-    """32 threads released at once, each calling admit (and settle) three times for one client."""
-    barrier = threading.Barrier(32)
-    admitted: list[bool] = []
-    errors: list[Exception] = []
-
-    def hammer() -> None:
-        barrier.wait()
-        for _ in range(3):
-            try:
-                decision = run(replica.admit("key:shared", 10, limits))
-                admitted.append(decision.admitted)
-                if decision.admitted:
-                    run(replica.settle("key:shared", decision.reservation, 5))
-            except Exception as exc:  # noqa: BLE001 -- any failure is the finding
-                errors.append(exc)
-
-    threads = [threading.Thread(target=hammer) for _ in range(32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(admitted), errors
 
 
 def test_the_deployment_holds_its_limit_when_called_from_many_threads(tiny_switch_interval: None) -> None:
@@ -73,7 +44,9 @@ def test_the_deployment_holds_its_limit_when_called_from_many_threads(tiny_switc
     admitted, and no call fails (a failure would reach the client as a 500)."""
     limits = RateLimitSettings(requests_per_minute=50, tokens_per_minute=10**9)
     for round_ in range(10):
-        admitted, errors = admit_from_threads(RateLimiter.func_or_class(), limits)
+        replica = RateLimiter.func_or_class()
+        admitted, errors = admit_from_threads(lambda: run(replica.admit("key:shared", 10, limits)),
+                                              lambda d: run(replica.settle("key:shared", d.reservation, 5)))
         assert not errors, (round_, errors[:3])
         assert admitted == 50, (round_, admitted)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -11,6 +10,8 @@ import pytest
 
 from serve_app.rate_windows import WINDOW_S, SlidingWindowLimiter
 from serve_app.settings import RateLimitSettings
+from tests.support.concurrency import admit_from_threads
+from tests.support.concurrency import tiny_switch_interval as switching_often
 
 
 class Clock:
@@ -28,13 +29,8 @@ class Clock:
 
 @pytest.fixture
 def tiny_switch_interval() -> Iterator[None]:
-    """Let threads switch after every few bytecodes, so that unguarded shared state shows its races."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with switching_often():
         yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def test_requests_per_minute_is_a_sliding_window() -> None:
@@ -104,35 +100,12 @@ def test_idle_identities_are_forgotten() -> None:
     assert refused.tracked_identities == 1  # refusals keep nothing
 
 
-def admit_from_threads(windows: SlidingWindowLimiter, limits: RateLimitSettings) -> tuple[int, list[Exception]]:
-    """32 threads released at once, each admitting (and settling) three times for one identity."""
-    barrier = threading.Barrier(32)
-    admitted: list[bool] = []
-    errors: list[Exception] = []
-
-    def hammer() -> None:
-        barrier.wait()
-        for _ in range(3):
-            try:
-                decision = windows.admit("shared", 10, limits)
-                admitted.append(decision.admitted)
-                if decision.admitted:
-                    windows.settle("shared", decision.reservation, 5)
-            except Exception as exc:  # noqa: BLE001 -- any failure is the finding
-                errors.append(exc)
-
-    threads = [threading.Thread(target=hammer) for _ in range(32)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(admitted), errors
-
-
 def test_concurrent_admissions_from_threads_never_exceed_the_limit(tiny_switch_interval: None) -> None:
     limits = RateLimitSettings(requests_per_minute=50, tokens_per_minute=10**9)
     for round_ in range(15):
-        admitted, errors = admit_from_threads(SlidingWindowLimiter(), limits)
+        windows = SlidingWindowLimiter()
+        admitted, errors = admit_from_threads(lambda: windows.admit("shared", 10, limits),
+                                              lambda d: windows.settle("shared", d.reservation, 5))
         assert not errors, (round_, errors[:3])
         assert admitted == 50, (round_, admitted)
 
