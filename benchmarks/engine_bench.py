@@ -416,7 +416,7 @@ def continuous_engine(loaded: LoadedModel, args: argparse.Namespace) -> Continuo
     sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
     options = ContinuousEngineSettings(
         max_slots=args.max_slots or max(sizes), cuda_graphs=args.cuda_graphs, compile=args.compile,
-        compile_mode=args.compile_mode, warmup_max_len=args.warmup_max_len,
+        compile_mode=args.compile_mode, warmup_max_len=args.warmup_max_len, decode_attention=args.decode_attention,
         **({"max_prefill_tokens": args.max_prefill_tokens} if args.max_prefill_tokens else {}),
     )
     update: dict[str, Any] = {"continuous": options}
@@ -437,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--engines", default="generate,continuous",
                         help="engines to run next to the baseline: generate, continuous (comma-separated)")
-    parser.add_argument("--max-slots", type=int, default=None, help="continuous: KV cache slots (default: largest B)")
+    parser.add_argument("--max-slots", type=int, default=None,
+                        help="continuous: sequences decoding at once (default: largest B)")
+    parser.add_argument("--decode-attention", default="auto", choices=["auto", "gather", "triton"],
+                        help="continuous: the decode step's attention over the paged cache")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="continuous: tokens per slot (default: the model config's max_model_len)")
     parser.add_argument("--cuda-graphs", action="store_true", help="continuous: capture decode steps in CUDA graphs")
@@ -505,7 +508,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
           f"| {args.new_tokens} new tokens | prompt {args.prompt!r}", flush=True)
     if cengine is not None:
         steps = cengine.runner.steps
-        print(f"continuous engine: {cengine.runner.slots} slots x {cengine.runner.max_len} tokens, cuda_graphs="
+        print(f"continuous engine: {cengine.runner.slots} slots, {cengine.runner.max_len}-token sequences, "
+              f"{cengine.runner.cache.num_blocks} KV blocks of {cengine.runner.cache.block_size}, cuda_graphs="
               f"{steps.use_graphs}, compile={steps.compiled}, set up in {continuous_setup_s:.1f}s "
               f"({steps.captured} graphs captured)", flush=True)
     print(_HEADER, flush=True)

@@ -9,10 +9,10 @@ of `--repeats`:
 - collate: left-padding the prompts on the CPU (engine/collate.py);
 - rope: GLM-4V's 3D positions and deltas (`Glm4vDecoder.rope_positions`, on the CPU);
 - vision: the vision encoder alone over the B images (`get_image_features`);
-- prefill: the engine's prefill (`Glm4vDecoder.prefill`: vision encoder, its own layer loop writing
-  keys and values straight into the slots), the total's part on the device;
-- hf: the baseline, measured in the same run: the HF model's own forward pass into a
-  `DynamicCache`, then its keys and values copied into the slots.
+- prefill: the engine's prefill (`Glm4vDecoder.embed_prompts`, the vision encoder included, then
+  `Glm4vDecoder.prefill`, its own layer loop writing keys and values straight into cache blocks;
+  the scratch block here), the total's part on the device;
+- hf: the baseline, measured in the same run: the HF model's own forward pass into a `DynamicCache`.
 `first` is the level's first admission, untimed in the others: what a shape never seen before
 costs (kernel selection, cuDNN attention plans; compilation with `--compile`).
 `--compile` compiles the engine's layers as `compile: true` does; `--compile-vision` also each block
@@ -49,20 +49,22 @@ def timed(device: torch.device, fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def hf_forward(runner: ModelRunner, inputs: dict[str, torch.Tensor], slots: int) -> None:
-    """The baseline: the HF model's forward pass into a DynamicCache, then each prompt's keys and
-    values copied into slots 0..rows-1."""
+def hf_forward(runner: ModelRunner, inputs: dict[str, torch.Tensor]) -> None:
+    """The baseline: the HF model's forward pass into a DynamicCache."""
     device, model = runner.device, runner.loaded.model
     position_ids, _ = runner.decoder.rope_positions(inputs)
     on_device = {k: v.to(device) for k, v in inputs.items()}
     on_device["pixel_values"] = on_device["pixel_values"].to(model.dtype)
-    out = model(**on_device, position_ids=position_ids.to(device), cache=DynamicCache(config=model.config),
-                use_cache=True, logits_to_keep=1)
-    lengths = inputs["attention_mask"].sum(-1).tolist()
-    for cache_k, cache_v, layer in zip(runner.cache.keys, runner.cache.values, out.cache.layers):
-        for j, n in enumerate(lengths[:slots]):
-            cache_k[j, :, :n].copy_(layer.keys[j, :, -n:])
-            cache_v[j, :, :n].copy_(layer.values[j, :, -n:])
+    model(**on_device, position_ids=position_ids.to(device), cache=DynamicCache(config=model.config), use_cache=True,
+          logits_to_keep=1)
+
+
+def engine_prefill(runner: ModelRunner, inputs: dict[str, torch.Tensor]) -> None:
+    """The engine's prefill of the whole prompts, into the scratch block."""
+    prompts = runner.decoder.embed_prompts(inputs, runner.device)
+    rows, width = inputs["input_ids"].shape
+    last = torch.tensor(prompts.lengths, device=runner.device) - 1
+    runner.decoder.prefill(prompts, runner.scratch_chunk(rows, width), last)
 
 
 @torch.inference_mode()
@@ -73,8 +75,8 @@ def phases(runner: ModelRunner, batch) -> dict[str, float]:
     pixels = inputs["pixel_values"].to(device, model.dtype)
     grid = inputs["image_grid_thw"].to(device)
     vision_s, _ = timed(device, lambda: model.model.get_image_features(pixels, grid))
-    prefill_s, _ = timed(device, lambda: decoder.prefill(inputs, 0, device))
-    hf_s, _ = timed(device, lambda: hf_forward(runner, inputs, len(batch)))
+    prefill_s, _ = timed(device, lambda: engine_prefill(runner, inputs))
+    hf_s, _ = timed(device, lambda: hf_forward(runner, inputs))
     return {"collate_s": collate_s, "rope_s": rope_s, "vision_s": vision_s, "prefill_s": prefill_s, "hf_s": hf_s}
 
 
@@ -87,7 +89,7 @@ def profile(runner: ModelRunner, batch, rows: int = 20) -> str:
     on_cuda = runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with torch_profile(activities=activities) as prof:
-        runner.decoder.prefill(inputs, 0, runner.device)
+        engine_prefill(runner, inputs)
         sync(runner.device)
     key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)

@@ -134,13 +134,25 @@ class ContinuousEngineSettings(_Settings):
 
     max_slots: int = Field(
         32, ge=1, le=1024,
-        description="Sequences decoding at once (KV cache slots, each max_model_len long); later arrivals "
-        "wait for a free slot.",
+        description="Sequences decoding at once; later arrivals wait for a free slot. A slot holds no KV cache "
+        "of its own: sequences take cache blocks as they grow.",
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Token positions per KV cache block.")
+    decode_attention: Literal["auto", "gather", "triton"] = Field(
+        "auto",
+        description="The decode step's attention over the paged cache (engine/attention): 'triton' reads each "
+        "block in place (CUDA); 'gather' gathers the blocks, then runs PyTorch's SDPA (any device); 'auto': "
+        "triton on CUDA, else gather.",
+    )
+    kv_cache_blocks: int | None = Field(
+        None, ge=2,
+        description="KV cache blocks (each block_size positions, every layer). None: on a GPU, what "
+        "kv_cache_memory_fraction of the memory free after loading holds; elsewhere max_slots full-length sequences.",
     )
     kv_cache_memory_fraction: float = Field(
         0.7, gt=0, le=1,
-        description="On a GPU, the slot cache takes at most this share of the memory free after loading the "
-        "weights; max_slots is lowered to fit (with a warning).",
+        description="On a GPU, with kv_cache_blocks unset, the KV cache takes this share of the memory free after "
+        "loading the weights.",
     )
     batch_buckets: list[int] = Field(
         [1, 2, 4, 8, 16, 32, 64, 128, 256],
@@ -149,13 +161,15 @@ class ContinuousEngineSettings(_Settings):
     )
     min_length_bucket: int = Field(
         256, ge=16,
-        description="Attention reads the cache up to the next power of two of the longest sequence, never less.",
+        description="Attention reads the cache up to the next power of two of the longest sequence, never less "
+        "(a multiple of block_size).",
     )
     max_prefill_tokens: int = Field(
         4096, ge=16,
-        description="Prompt tokens (padded) prefilled in one forward pass; arrivals beyond wait for the next "
-        "iteration. Smaller: earlier first tokens for the first arrivals of a burst, and shorter pauses of the "
-        "running sequences (whose steps wait for each prefill); larger: fewer passes.",
+        description="Prompt tokens (padded) prefilled in one forward pass; longer prompts are prefilled in chunks "
+        "of this size, one pass per decode step, and arrivals beyond wait for the next pass. Smaller: earlier "
+        "first tokens for the first arrivals of a burst, and shorter pauses of the running sequences (whose "
+        "steps wait for each pass); larger: fewer passes.",
     )
     cuda_graphs: bool = Field(False, description="Capture decode steps in CUDA graphs (CUDA only).")
     compile: bool = Field(False, description="torch.compile the decode step (then captured, with cuda_graphs).")
@@ -182,6 +196,12 @@ class ContinuousEngineSettings(_Settings):
         if not value or any(b < 1 for b in value):
             raise ValueError("batch_buckets must be positive sizes")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _spans_whole_blocks(self) -> "ContinuousEngineSettings":
+        if self.min_length_bucket % self.block_size:
+            raise ValueError("min_length_bucket must be a multiple of block_size")
+        return self
 
 
 # Temperatures below this sample greedily (as temperature 0), as vLLM treats them: dividing logits by
@@ -430,6 +450,11 @@ class IngressSettings(_Settings):
     max_tokens_ceiling: int = Field(4096, ge=1, description="Largest max_tokens a client may ask.")
     max_messages: int = Field(128, ge=1)
     max_images_per_request: int = Field(8, ge=0)
+    max_n: int = Field(
+        8, ge=1, le=128,
+        description="Most choices (`n`) one request may ask for. The engine prefills the prompt once and "
+        "decodes n rows from it, so a request holds n rows of the batch (and n KV cache slots) at once.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,6 +1,6 @@
 """ContinuousEngine: iteration-level batching over a slot KV cache, driven by one engine thread.
 
-Up to `max_slots` sequences decode together in a preallocated cache; a request joins them at the
+Up to `max_slots` sequences decode together over a paged KV cache; a request joins them at the
 next iteration after it arrives and leaves the iteration it finishes. The engine's thread loops:
 1. schedule: the scheduler (scheduler.py, no tensors) picks the waiting requests that fit the free
    slots and the prefill budget, and the decode step over every live sequence;
@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from engine.continuous.blocks import BlockPool
 from engine.continuous.runner import ModelRunner, Pending
 from engine.continuous.scheduler import Group, Scheduler, SlotRow
 from engine.in_process import InProcessEngine
@@ -86,11 +87,13 @@ class ContinuousEngine(InProcessEngine):
         super().__init__(loaded)
         self.runner = ModelRunner(loaded)
         options = loaded.settings.continuous
+        pool = BlockPool(self.runner.cache.num_blocks, self.runner.cache.block_size)
         self.scheduler = Scheduler(self.runner.slots, self.runner.max_len, options.max_prefill_tokens,
-                                   options.batch_buckets, options.min_length_bucket)
+                                   options.batch_buckets, options.min_length_bucket, pool)
         self.decode_steps = 0  # decode steps launched so far (read by tests and benchmarks)
         self._period: BusyPeriod | None = None
-        self._pending: deque[tuple[list[SlotRow], Pending]] = deque()  # steps whose tokens are not read yet
+        # Steps whose tokens are not read yet: their rows, each row's incarnation then, the tokens.
+        self._pending: deque[tuple[list[SlotRow], list[int], Pending]] = deque()
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()  # guards the scheduler's queue, _jobs and _closed
         self._closed = False
@@ -99,9 +102,10 @@ class ContinuousEngine(InProcessEngine):
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
         steps = self.runner.steps
-        logger.info("Continuous engine: %d slots x %d tokens (KV cache %.2f GiB), buckets %s, cuda_graphs=%s, "
-                    "compile=%s", self.runner.slots, self.runner.max_len, self.runner.cache.bytes() / 2**30,
-                    self.scheduler.buckets, steps.use_graphs, steps.compiled)
+        logger.info("Continuous engine: %d slots, %d-token sequences, KV cache %d blocks of %d (%.2f GiB), buckets %s, "
+                    "cuda_graphs=%s, compile=%s", self.runner.slots, self.runner.max_len, pool.num_blocks,
+                    pool.block_size, self.runner.cache.bytes() / 2**30, self.scheduler.buckets, steps.use_graphs,
+                    steps.compiled)
         if steps.use_graphs:
             self.call(lambda: self.runner.warmup(self.scheduler.buckets))
 
@@ -188,8 +192,8 @@ class ContinuousEngine(InProcessEngine):
         launched = self._decode()
         # Everything before the step just launched is read now, while that step runs.
         while len(self._pending) > (1 if launched else 0):
-            rows, pending = self._pending.popleft()
-            self._postprocess(rows, pending.read())
+            rows, incarnations, pending = self._pending.popleft()
+            self._postprocess(rows, incarnations, pending.read())
         for move in self.scheduler.release_finished():
             self.runner.free(move)
         self._last_step_at = time.monotonic()
@@ -207,30 +211,34 @@ class ContinuousEngine(InProcessEngine):
             return
         started = time.monotonic()
         try:
-            pending, tokens = self.runner.prefill([row.request for row in batch.rows], batch.first_slot)
+            pending, tokens = self.runner.prefill(batch)
         except Exception as error:  # a prompt the model refused: only its groups fail
             logger.exception("Prefill failed for %d requests", len(batch.rows))
             self.scheduler.reject(batch, error)
             return
         self._period.prefilled(len(batch.rows), tokens, time.monotonic() - started)
-        self.scheduler.admit(batch)
-        self._pending.append((batch.rows, pending))
+        self.scheduler.prefilled(batch)
+        if pending is not None:
+            rows = batch.completing
+            self._pending.append((rows, [row.incarnation for row in rows], pending))
 
     def _decode(self) -> bool:
         batch = self.scheduler.schedule_decode()
         if batch is None:
             return False
         pending = self.runner.decode(batch)
+        if pending is None:  # every row was preempted
+            return False
         self.scheduler.launched(batch)
         self.decode_steps += 1
         self._period.launched()
-        self._pending.append((batch.rows, pending))
+        self._pending.append((batch.rows, batch.incarnations, pending))
         return True
 
-    def _postprocess(self, rows: list[SlotRow], tokens: list[int]) -> None:
+    def _postprocess(self, rows: list[SlotRow], incarnations: list[int], tokens: list[int]) -> None:
         """Stream one step's tokens: each group's callback once, then the ended rows counted off
         (a group's future completes after its last callback)."""
-        result = self.scheduler.postprocess(rows, tokens, self.loaded.eos_token_ids)
+        result = self.scheduler.postprocess(rows, incarnations, tokens, self.loaded.eos_token_ids)
         self._period.tokens += result.tokens
         for group, entries in result.outputs.items():
             deliver(group.on_step, entries)

@@ -20,17 +20,19 @@ import logging
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from engine.attention.paged_decode import decode_attention
+from engine.continuous.blocks import SCRATCH_BLOCK, blocks_for
 from engine.continuous.graphs import StepRunner
 from engine.continuous.sampling import RowParams, sample
-from engine.continuous.scheduler import DecodeBatch, SlotMove
-from engine.continuous.slots import SlotKVCache, SlotState
+from engine.continuous.scheduler import DecodeBatch, PrefillBatch, PrefillChunk, SlotMove, SlotRow
+from engine.continuous.slots import PagedKVCache, SlotState
 from engine.loader import LoadedModel
-from engine.models.glm4v.decoder import Glm4vDecoder, unsupported_reason
+from engine.models.glm4v.decoder import Glm4vDecoder, PromptChunk, PromptInputs, unsupported_reason
 from engine.prompts import PreparedRequest
 
 logger = logging.getLogger("ray.serve")
@@ -65,7 +67,7 @@ class Pending:
 
 
 class ModelRunner:
-    """Prefill and decode over a slot KV cache, on the model `loaded` holds (see the module docstring)."""
+    """Prefill and decode over a paged KV cache, on the model `loaded` holds (see the module docstring)."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         settings, model, device = loaded.settings, loaded.model, loaded.device
@@ -77,68 +79,108 @@ class ModelRunner:
         self.options = options = settings.continuous
         text = model.config.get_text_config(decoder=True)
         attention = model.model.language_model.layers[0].self_attn
-        shape = (text.num_hidden_layers, attention.num_key_value_heads, settings.max_model_len, attention.head_dim)
-        self.slots = self._slots_that_fit(shape, model.dtype)
-        self.cache = SlotKVCache(shape[0], self.slots, shape[1], shape[2], shape[3], model.dtype, device)
-        self.state = SlotState(self.slots, model.lm_head.out_features, device)
-        self.decoder = Glm4vDecoder(model, self.cache, self.state, loaded.eos_token_ids, device)
+        layers, kv_heads, head_dim = text.num_hidden_layers, attention.num_key_value_heads, attention.head_dim
+        self.slots = options.max_slots
+        self.max_len = settings.max_model_len
+        block_size = options.block_size
+        num_blocks = self._blocks_that_fit(PagedKVCache.block_bytes(layers, block_size, kv_heads, head_dim, model.dtype))
+        self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, model.dtype, device)
+        # One entry more than a max_model_len sequence needs: a span is then always a strict prefix of
+        # the table, where a span of all of it is another case to torch.compile (contiguity), compiled
+        # again, minutes on a GPU, the first time a sequence grows that long.
+        max_blocks = blocks_for(self.max_len, block_size) + 1
+        self.state = SlotState(self.slots, model.lm_head.out_features, max_blocks, device)
+        self.decoder = Glm4vDecoder(model, self.cache, self.state, loaded.eos_token_ids, device,
+                                    decode_attention(options.decode_attention, device))
         self.steps = StepRunner(self.decoder, options, device)
         self._seeds = random.Random()
+        # The prompt whose prefill goes on in later passes, embedded once (its images encoded once).
+        self._partial: tuple[SlotRow, PromptInputs] | None = None
         if device.type == "cuda" and options.switch_interval_s is not None:
             # The engine thread relaunches the GPU every decode step. Python hands the GIL over only
             # every 5 ms by default, so while the replica's event loop streams tokens each step could
             # start that late.
             sys.setswitchinterval(options.switch_interval_s)
 
-    @property
-    def max_len(self) -> int:
-        return self.cache.max_len
-
-    def _slots_that_fit(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> int:
-        """max_slots, or fewer where a GPU's free memory cannot hold that many full-length slots."""
-        wanted = self.options.max_slots
+    def _blocks_that_fit(self, block_bytes: int) -> int:
+        """kv_cache_blocks where set; else, on a GPU, what kv_cache_memory_fraction of the free memory
+        holds, and elsewhere enough for max_slots full-length sequences (plus the scratch block)."""
+        options = self.options
+        if options.kv_cache_blocks is not None:
+            return options.kv_cache_blocks
         if self.device.type != "cuda":
-            return wanted
-        layers, kv_heads, max_len, head_dim = shape
-        positions = max_len + 1  # SlotKVCache's spare position included
-        per_slot = 2 * layers * kv_heads * positions * head_dim * torch.empty((), dtype=dtype).element_size()
+            return self.slots * blocks_for(self.max_len, options.block_size) + 1
         free, _ = torch.cuda.mem_get_info(self.device)
-        fits = int(free * self.options.kv_cache_memory_fraction // per_slot)
-        if fits < wanted:
-            logger.warning("The KV cache fits %d slots of %d tokens (%.2f GiB each) in %.0f%% of the %.1f GiB free, "
-                           "not max_slots=%d; lower max_model_len for more", fits, max_len, per_slot / 2**30,
-                           100 * self.options.kv_cache_memory_fraction, free / 2**30, wanted)
-        if fits < 1:
-            raise ValueError(f"Not even one KV cache slot of {max_len} tokens fits in the free GPU memory")
-        return min(wanted, fits)
+        blocks = int(free * options.kv_cache_memory_fraction // block_bytes)
+        if blocks < blocks_for(self.max_len, options.block_size) + 1:
+            raise ValueError(f"The KV cache fits {blocks} blocks of {options.block_size} tokens in "
+                             f"{options.kv_cache_memory_fraction:.0%} of the free GPU memory, not one "
+                             f"{self.max_len}-token sequence; lower max_model_len")
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %d tokens)", blocks, options.block_size,
+                    blocks * block_bytes / 2**30, (blocks - 1) * options.block_size)
+        return blocks
 
     # ---- prefill ----------------------------------------------------------------------------------
 
-    def prefill(self, requests: list[PreparedRequest], first_slot: int) -> tuple[Pending, int]:
-        """Prefill `requests` into slots first_slot, first_slot + 1, ... and sample their first tokens.
+    def prefill(self, batch: PrefillBatch) -> tuple[Pending | None, int]:
+        """Run one pass of prompt chunks (see PrefillBatch) into their blocks, and start the rows whose
+        prompt completes: their slots' tables and state, and their first tokens sampled.
 
-        Returns the tokens on their way to the host, and the padded prompt tokens the pass ran.
-        Raises what the model raised (e.g. image tokens that do not match the pixels); then no live
-        slot was touched.
+        Returns those tokens on their way to the host (None: no prompt completed), and the padded
+        prompt tokens the pass ran. Raises what the model raised (e.g. image tokens that do not
+        match the pixels); then no live slot was touched.
         """
         graphs, started = compiled_graphs(), time.monotonic()
-        inputs = self.loaded.collate(requests, torch.device("cpu"))
-        prefill = self.decoder.prefill(inputs, first_slot, self.device)
+        chunks = batch.chunks
+        if chunks[0].start == 0:
+            requests = [prompt_request(row) for row in batch.rows]
+            prompts = self.decoder.embed_prompts(self.loaded.collate(requests, torch.device("cpu")), self.device)
+            self._partial = None if chunks[-1].completes else (chunks[-1].row, prompts.row(len(chunks) - 1))
+        else:
+            row, prompts = self._partial
+            assert row is chunks[0].row and len(chunks) == 1, "a continued prompt runs alone"
+            if chunks[0].completes:
+                self._partial = None
+        width = max(chunk.end - chunk.start for chunk in chunks)
+        last = self._to_device([[chunk.end - chunk.start - 1 for chunk in chunks]], torch.long)[0]
+        logits = self.decoder.prefill(prompts, self._layout(chunks, width), last)
         if compiled_graphs() != graphs:  # every live sequence waited for it
             logger.warning("The prefill of %d prompts x %d tokens compiled new graphs (%.1fs): a shape the warm-up "
-                           "did not cover", *inputs["input_ids"].shape, time.monotonic() - started)
-        return self._start(requests, first_slot, prefill.logits, prefill.rope_deltas), inputs["input_ids"].numel()
+                           "did not cover", len(chunks), width, time.monotonic() - started)
+        done = [i for i, chunk in enumerate(chunks) if chunk.completes]
+        if not done:
+            return None, len(chunks) * width
+        deltas = [prompts.rope_deltas[i] for i in done]
+        return self._start([chunks[i].row for i in done], batch.first_slot, logits[done], deltas), len(chunks) * width
 
-    def _start(self, requests: list[PreparedRequest], first_slot: int, logits: torch.Tensor,
-               rope_deltas: list[int]) -> Pending:
-        """Fill the new slots' state and sample each prompt's first token (on the device)."""
-        rows = len(requests)
-        span = slice(first_slot, first_slot + rows)
-        params = [r.sampling for r in requests]
+    def _layout(self, chunks: list[PrefillChunk], width: int) -> PromptChunk:
+        """Where each column of the pass writes (block, offset; the scratch block for pads), and the
+        blocks a continued prompt reads: computed on the host from the rows' block lists."""
+        block_size = self.cache.block_size
+        blocks = torch.full((len(chunks), width), SCRATCH_BLOCK, dtype=torch.long)
+        offsets = torch.zeros((len(chunks), width), dtype=torch.long)
+        for j, chunk in enumerate(chunks):
+            positions = torch.arange(chunk.start, chunk.end)
+            blocks[j, :len(positions)] = torch.tensor(chunk.row.blocks, dtype=torch.long)[positions // block_size]
+            offsets[j, :len(positions)] = positions % block_size
+        write_blocks, write_offsets = self._to_device([blocks.tolist(), offsets.tolist()], torch.long)
+        first = chunks[0]
+        context = None
+        if first.start > 0:
+            context = self._to_device([first.row.blocks[:blocks_for(first.end, block_size)]], torch.long)
+        return PromptChunk(first.start, width, write_blocks, write_offsets, context)
+
+    def _start(self, rows: list[SlotRow], first_slot: int, logits: torch.Tensor, rope_deltas: list[int]) -> Pending:
+        """Fill the new slots' tables and state and sample each prompt's first token (on the device).
+        A row resumed after a preemption goes on where it was: its sampling counter is the number of
+        tokens it already has."""
+        count = len(rows)
+        span = slice(first_slot, first_slot + count)
+        params = [row.request.sampling for row in rows]
         keys = [seed_key(p.seed) if p.seed is not None else self._seeds.getrandbits(32) for p in params]
-        length, rope_delta, min_tokens, ignore_eos, seed, top_k = self._to_device([
-            [r.prompt_tokens for r in requests], rope_deltas, [p.min_tokens for p in params],
-            [int(p.ignore_eos) for p in params], keys, [p.top_k for p in params],
+        length, rope_delta, min_tokens, ignore_eos, seed, top_k, counter = self._to_device([
+            [len(row.prompt_ids) for row in rows], rope_deltas, [p.min_tokens for p in params],
+            [int(p.ignore_eos) for p in params], keys, [p.top_k for p in params], [len(row.output_ids) for row in rows],
         ], torch.long)
         temperature, top_p, penalty = self._to_device([
             [0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
@@ -150,28 +192,35 @@ class ModelRunner:
                                (state.seed, seed), (state.ignore_eos, ignore_eos), (state.temperature, temperature),
                                (state.top_p, top_p), (state.top_k, top_k), (state.penalty, penalty)):
             target[span].copy_(values)
-        self._mark_prompts(requests, first_slot)
-        zero = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._write_tables(rows, first_slot)
+        self._mark_prompts(rows, first_slot)
         seen = state.seen[span]
-        first = sample(logits, RowParams(temperature, top_p, seed, counter=zero,
-                                         suppress_eos=ignore_eos | (min_tokens > 0), top_k=top_k, penalty=penalty,
-                                         seen=seen),
+        first = sample(logits, RowParams(temperature, top_p, seed, counter=counter,
+                                         suppress_eos=ignore_eos | (counter < min_tokens), top_k=top_k,
+                                         penalty=penalty, seen=seen),
                        self.decoder.eos_mask, any(not p.greedy for p in params))
-        state.mark_seen(seen, first, torch.ones(rows, dtype=torch.bool, device=self.device))
+        state.mark_seen(seen, first, torch.ones(count, dtype=torch.bool, device=self.device))
         state.last_token[span].copy_(first)
-        state.generated[span].copy_(zero + 1)
+        state.generated[span].copy_(counter + 1)
         state.active[span] = True
         return self._to_host(first)
 
-    def _mark_prompts(self, requests: list[PreparedRequest], first_slot: int) -> None:
-        """The new slots' seen-token sets: empty, then each penalized request's prompt tokens."""
+    def _write_tables(self, rows: list[SlotRow], first_slot: int) -> None:
+        """The new slots' block tables: each row's blocks, then the scratch block."""
+        table = torch.full((len(rows), self.state.block_table.shape[1]), SCRATCH_BLOCK, dtype=torch.long)
+        for j, row in enumerate(rows):
+            table[j, :len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.long)
+        self.state.block_table[first_slot:first_slot + len(rows)].copy_(self._to_device(table.tolist(), torch.long))
+
+    def _mark_prompts(self, rows: list[SlotRow], first_slot: int) -> None:
+        """The new slots' seen-token sets: empty, then each penalized row's prompt (and output) tokens."""
         state = self.state
-        state.seen[first_slot:first_slot + len(requests)] = False
+        state.seen[first_slot:first_slot + len(rows)] = False
         vocab = state.seen.shape[1]
         slots, tokens = [], []
-        for offset, request in enumerate(requests):
-            if request.sampling.repetition_penalty != 1.0:
-                ids = [t for t in request.input_ids if t < vocab]
+        for offset, row in enumerate(rows):
+            if row.request.sampling.repetition_penalty != 1.0:
+                ids = [t for t in row.prompt_ids if t < vocab]
                 slots += [first_slot + offset] * len(ids)
                 tokens += ids
         if tokens:
@@ -180,23 +229,33 @@ class ModelRunner:
 
     # ---- decoding ---------------------------------------------------------------------------------
 
-    def decode(self, batch: DecodeBatch) -> Pending:
-        """Launch one decode step over slots 0..batch.bucket-1 (live ones: the first len(batch.rows))."""
+    def decode(self, batch: DecodeBatch) -> Pending | None:
+        """Apply the batch's slot moves and new blocks, then launch one decode step over slots
+        0..batch.bucket-1 (live ones: the first len(batch.rows)); None when no row is left to step."""
+        for move in batch.moves:
+            self.free(move)
+        if batch.grown:
+            slots, indices, blocks = self._to_device([[g.slot for g in batch.grown], [g.index for g in batch.grown],
+                                                      [g.block for g in batch.grown]], torch.long)
+            self.state.block_table[slots, indices] = blocks
+        if not batch.rows:
+            return None
         self.steps.run((batch.bucket, batch.span, batch.sampled))
         return self._to_host(self.state.next_token[:len(batch.rows)])
 
     def free(self, move: SlotMove) -> None:
-        """Apply one of the scheduler's slot moves to the cache and the slot state."""
+        """Apply one of the scheduler's slot moves to the slot state (tables move; keys and values stay)."""
         if move.source != move.slot:
-            self.cache.move(move.source, move.slot, move.length)
             self.state.move(move.source, move.slot)
         self.state.clear(move.source)
 
     def reset(self) -> None:
         """After a failed step: no slot is live any more (the device may be gone: then it is logged)."""
+        self._partial = None
         try:
             self.state.active.zero_()
             self.state.length.zero_()
+            self.state.block_table.zero_()
         except Exception:
             logger.exception("Could not reset the slot state")
 
@@ -231,7 +290,7 @@ class ModelRunner:
         self.warm_prefill()
         logger.info("Warmed the prefill up in %.1fs", time.monotonic() - started)
         spans, span = [], self.options.min_length_bucket
-        while span <= min(self.options.warmup_max_len, self.cache.max_len):
+        while span <= min(self.options.warmup_max_len, self.max_len):
             spans.append(span)
             span *= 2
         started = time.monotonic()
@@ -239,11 +298,39 @@ class ModelRunner:
         logger.info("Captured %d decode graphs in %.1fs", self.steps.captured, time.monotonic() - started)
 
     def warm_prefill(self) -> None:
-        """Encode two small images, and prefill text prompts of pad tokens at batch 3 and 1 into free
-        slots: the first real requests would otherwise wait for the compilation of the vision blocks and
-        prompt layers and for the first kernel choices. Odd sizes: a dynamic-shape graph first traced on
-        even ones can assume their alignment and be compiled again later."""
+        """Encode two small images, prefill text prompts of pad tokens at batch 3 and 1 into the scratch
+        block, and one continued chunk: the first real requests would otherwise wait for the
+        compilation of the vision blocks and prompt layers and for the first kernel choices. Odd
+        sizes: a dynamic-shape graph first traced on even ones can assume their alignment and be
+        compiled again later."""
         self.decoder.warm_vision(self.device)
-        for rows in sorted({min(3, self.slots), 1}, reverse=True):
-            ids = torch.full((rows, 17), self.loaded.pad_token_id, dtype=torch.long)
-            self.decoder.prefill({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, 0, self.device)
+        width = 17
+        for rows in (3, 1):
+            ids = torch.full((rows, width), self.loaded.pad_token_id, dtype=torch.long)
+            prompts = self.decoder.embed_prompts({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, self.device)
+            self.decoder.prefill(prompts, self.scratch_chunk(rows, width), self._last(rows, width))
+        self.decoder.prefill(prompts, self.scratch_chunk(1, 7, start=width - 7), self._last(1, 7))
+
+    def scratch_chunk(self, rows: int, width: int, start: int = 0) -> PromptChunk:
+        """A prefill chunk that writes only to the scratch block (and, after `start` > 0, reads it as its
+        context): for warming up and measuring the prefill without touching any sequence."""
+        # Blocks and offsets as two tensors, as they always are: passing one twice is another case to compile.
+        blocks = torch.full((rows, width), SCRATCH_BLOCK, dtype=torch.long, device=self.device)
+        context = None
+        if start > 0:
+            context = torch.full((1, blocks_for(start + width, self.cache.block_size)), SCRATCH_BLOCK,
+                                 dtype=torch.long, device=self.device)
+        return PromptChunk(start, width, blocks, blocks.clone(), context)
+
+    def _last(self, rows: int, width: int) -> torch.Tensor:
+        return torch.full((rows,), width - 1, dtype=torch.long, device=self.device)
+
+def prompt_request(row: SlotRow) -> PreparedRequest:
+    """What `row`'s prefill runs: its request, or, resumed after a preemption, its request with the
+    output so far appended (as text tokens)."""
+    request = row.request
+    if row.resume_ids is None:
+        return request
+    extra = len(row.resume_ids) - request.prompt_tokens
+    mm_types = None if request.mm_token_type_ids is None else [*request.mm_token_type_ids, *[0] * extra]
+    return replace(request, input_ids=row.resume_ids, mm_token_type_ids=mm_types)

@@ -1,17 +1,23 @@
 """Scheduler: which sequences the continuous engine runs at each step. Bookkeeping only, no tensors.
 
 The engine's loop asks it, every iteration:
-1. `schedule_prefill`: which waiting requests to admit now. Oldest first, as many as there are free
-   slots and as fit the prefill budget (`max_prefill_tokens` of padded prompt; always at least one),
-   after dropping those whose client went away. Admitted rows take the slots after the live ones;
-   `admit` (prefilled) or `reject` (the prefill failed) settles them.
-2. `schedule_decode`: the decode step over every live row: the batch bucket it runs at (the
-   smallest captured size that holds them all), the cache span attention reads (a power of two
-   above the longest sequence, at least `min_length_bucket`), and whether any row samples.
+1. `schedule_prefill`: the prompt chunks to prefill now, within `max_prefill_tokens` (padded) per
+   pass (chunked prefill, as vLLM and SGLang do it): the rest of a prompt part-way through, else
+   waiting requests oldest first, as many as there are free slots and KV blocks above a watermark,
+   the last one possibly cut short to go on in the next passes. A long prompt so takes several
+   passes, each followed by a decode step of the running rows, which never pause for more than one
+   pass. Rows whose prompt completes take the slots after the live ones; `prefilled` (it ran) or
+   `reject` (the model refused it) settles a pass.
+2. `schedule_decode`: the decode step over every live row: the blocks each row needs for the
+   position it writes (taken oldest row first; when none are left the youngest rows are preempted
+   and later recomputed, so the cache never overflows), the batch bucket it runs at (the smallest
+   captured size that holds them all), the cache span attention reads (a power of two above the
+   longest sequence, at least `min_length_bucket`), and whether any row samples.
 3. `postprocess`: one step's sampled tokens, one per row of that step, advanced row by row
    (`RowState.advance`: text, stops, limits, cancellation), gathered per group for the callbacks.
-4. `release_finished`: frees the slots of finished rows, moving the last live row into each hole so
-   the live rows always hold slots 0..n-1 (a decode step over the first B slots covers them all).
+4. `release_finished`: frees the slots and blocks of finished rows, moving the last live row into
+   each hole so the live rows always hold slots 0..n-1 (a decode step over the first B slots covers
+   them all).
 A group (one `submit` call) completes when all its rows are finished; a failure fails its group.
 
 Not thread-safe: the engine calls it from its loop, and `add` / `schedule_prefill` / `fail_all`
@@ -26,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from engine.continuous.blocks import BlockPool, blocks_for
 from engine.detokenizer import Detokenizer
 from engine.protocol import StepCallback, StepOutput
 from engine.rows import RowState
@@ -57,40 +64,93 @@ class Group:
 
 @dataclass(eq=False)
 class SlotRow(RowState):
-    """A request in the continuous engine: its row state, its group, and its slot's cache length."""
+    """A request in the continuous engine: its row state, its group, and its place in the KV cache."""
 
     group: Group | None = None
     index: int = 0  # position in its group (where its entries go in the callback's list)
-    cache_len: int = 0  # tokens in its slot once every launched step has run
+    cache_len: int = 0  # tokens in its blocks once every launched step has run
     closed: bool = False  # counted off its group
+    blocks: list[int] = field(default_factory=list)  # its block table, in sequence order
+    table_len: int = 0  # entries of `blocks` in its slot's block table on the device
+    prefilled: int = 0  # tokens of `prompt_ids` already in its blocks (the prefill may take several chunks)
+    output_ids: list[int] = field(default_factory=list)  # tokens it was given so far
+    # Raised when the row is preempted: tokens of steps launched before then are not its any more.
+    incarnation: int = 0
+    admitted: int = 0  # admission order (the youngest live row is preempted first)
+    # What its prefill runs: the prompt, plus the output so far for a row preempted mid-answer (the
+    # prefill recomputes its cache and samples its next token from there).
+    resume_ids: list[int] | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.input_ids if self.resume_ids is None else self.resume_ids
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt positions start..end-1 of `row` go into its blocks in this pass; `completes`: the last
+    chunk of its prompt, after which the row decodes."""
+
+    row: SlotRow
+    start: int
+    end: int
+
+    @property
+    def completes(self) -> bool:
+        return self.end == len(self.row.prompt_ids)
 
 
 @dataclass
 class PrefillBatch:
-    """Rows to prefill into slots first_slot, first_slot + 1, ... (in this order)."""
+    """One prefill pass: chunks of prompts, those that complete their prompt first, in the order
+    their rows take slots first_slot, first_slot + 1, ...; at most the last one does not complete.
+    Either every chunk starts a prompt (start 0), or the batch is one chunk continuing a prompt."""
 
-    rows: list[SlotRow]
+    chunks: list[PrefillChunk]
     first_slot: int
+
+    @property
+    def rows(self) -> list[SlotRow]:
+        return [chunk.row for chunk in self.chunks]
+
+    @property
+    def completing(self) -> list[SlotRow]:
+        return [chunk.row for chunk in self.chunks if chunk.completes]
 
 
 @dataclass
 class DecodeBatch:
-    """One decode step: output i belongs to rows[i], the row in slot i."""
+    """One decode step: output i belongs to rows[i], the row in slot i. Before it runs, the runner
+    applies `moves` (rows preempted to make room) then `grown` (blocks the rows took)."""
 
     rows: list[SlotRow]
     bucket: int  # slots the step runs over (inactive ones padded in): a captured batch size
     span: int  # cache positions attention reads
     sampled: bool  # any row samples (else the all-greedy variant of the step runs)
+    moves: list[SlotMove] = field(default_factory=list)
+    grown: list[BlockGrant] = field(default_factory=list)
+
+    @property
+    def incarnations(self) -> list[int]:
+        return [row.incarnation for row in self.rows]
 
 
 @dataclass(frozen=True)
 class SlotMove:
-    """Freeing `slot`: the last live slot, `source`, moves into it (nothing moves when source == slot),
-    its first `length` cache positions copied; `source` is then empty."""
+    """Freeing `slot`: the last live slot, `source`, moves into it (nothing moves when source == slot);
+    `source` is then empty."""
 
     slot: int
     source: int
-    length: int
+
+
+@dataclass(frozen=True)
+class BlockGrant:
+    """Entry `index` of `slot`'s block table is now `block`."""
+
+    slot: int
+    index: int
+    block: int
 
 
 @dataclass
@@ -104,98 +164,190 @@ class StepResult:
 
 class Scheduler:
     def __init__(self, slots: int, max_len: int, max_prefill_tokens: int, buckets: list[int],
-                 min_length_bucket: int) -> None:
+                 min_length_bucket: int, pool: BlockPool) -> None:
         self.slots = slots
         self.max_len = max_len
         self.max_prefill_tokens = max_prefill_tokens
         self.buckets = sorted({b for b in buckets if b < slots} | {slots})
         self.min_length_bucket = min_length_bucket
+        self.pool = pool
+        self.block_size = pool.block_size
+        # Blocks kept free when admitting a new prompt, so the live rows can grow a while before one
+        # must be preempted (vLLM keeps 1% likewise).
+        self.watermark = max(1, pool.capacity // 100)
         self.waiting: deque[SlotRow] = deque()
+        self.prefilling: SlotRow | None = None  # a prompt part-way through its chunks
         self.live: list[SlotRow] = []  # index = slot
+        self.preemptions = 0
+        self._admissions = 0
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.live)
+        return bool(self.waiting or self.live or self.prefilling)
 
     # ---- arrivals ---------------------------------------------------------------------------------
 
     def check(self, request) -> None:
-        """Raises ValueError when `request` can never fit a slot."""
-        if request.prompt_tokens + request.max_tokens > self.max_len:
+        """Raises ValueError when `request` can never fit: not in a sequence, or not in the whole cache."""
+        total = request.prompt_tokens + request.max_tokens
+        if total > self.max_len:
             raise ValueError(f"{request.prompt_tokens} prompt + {request.max_tokens} new tokens do not fit a "
                              f"{self.max_len}-token slot")
+        if blocks_for(total, self.block_size) > self.pool.capacity:
+            raise ValueError(f"{total} tokens do not fit the KV cache ({self.pool.capacity} blocks of "
+                             f"{self.block_size})")
 
     def add(self, group: Group) -> None:
         self.waiting.extend(group.rows)
 
     def schedule_prefill(self) -> PrefillBatch | None:
-        """The waiting rows to prefill now (see the module docstring), taken off the queue."""
+        """The prompt chunks to prefill now, at most `max_prefill_tokens` (padded) in all, their
+        blocks taken: the rest of a prompt part-way through, else new prompts oldest first (the
+        last of them possibly cut short, to go on in the next passes), as many as there are free
+        slots and free blocks above the watermark."""
         self._drop_abandoned()
-        taken: list[SlotRow] = []
+        if self.prefilling is not None:
+            return self._continue_prefill(self.prefilling)
+        chunks: list[PrefillChunk] = []
         width = 0
-        while self.waiting and len(self.live) + len(taken) < self.slots:
-            wider = max(width, self.waiting[0].request.prompt_tokens)
-            if taken and wider * (len(taken) + 1) > self.max_prefill_tokens:
+        while self.waiting and len(self.live) + len(chunks) < self.slots:
+            row = self.waiting[0]
+            length = len(row.prompt_ids)
+            room = self.max_prefill_tokens // (len(chunks) + 1)  # the widest chunk within the budget
+            end = min(length, room)
+            if chunks and (width > room or end < min(length, self.block_size)):
+                break  # no room for it, or only for a piece too small to be worth a row
+            if not self._grow(row, end, self.watermark):
                 break
-            width = wider
-            taken.append(self.waiting.popleft())
-        return PrefillBatch(taken, len(self.live)) if taken else None
+            self.waiting.popleft()
+            chunks.append(PrefillChunk(row, 0, end))
+            width = max(width, end)
+            if end < length:  # cut short: it goes on alone in the next passes
+                self.prefilling = row
+                break
+        return PrefillBatch(chunks, len(self.live)) if chunks else None
+
+    def _continue_prefill(self, row: SlotRow) -> PrefillBatch | None:
+        length = len(row.prompt_ids)
+        end = min(length, row.prefilled + self.max_prefill_tokens)
+        if end == length and len(self.live) >= self.slots:
+            return None  # its last chunk waits for a slot to decode in
+        if not self._grow(row, end, 0):
+            return None  # waits for blocks the live rows give back
+        return PrefillBatch([PrefillChunk(row, row.prefilled, end)], len(self.live))
+
+    def _grow(self, row: SlotRow, tokens: int, keep_free: int) -> bool:
+        """Give `row` the blocks for its first `tokens` positions, leaving at least `keep_free` free."""
+        wanted = blocks_for(min(tokens, self.max_len), self.block_size) - len(row.blocks)
+        if wanted <= 0:
+            return True
+        if self.pool.free - wanted < keep_free:
+            return False
+        row.blocks += self.pool.take(wanted)
+        return True
 
     def _drop_abandoned(self) -> None:
-        """Forget waiting rows whose client went away (or whose group failed) before they got a slot."""
+        """Forget rows whose client went away (or whose group failed) before they decoded."""
+        if self.prefilling is not None and (self.prefilling.done or self.prefilling.request.cancelled):
+            self.finish(self.prefilling)
+            self.prefilling = None
         if not any(row.done or row.request.cancelled for row in self.waiting):
             return
         keep: deque[SlotRow] = deque()
         for row in self.waiting:
             if row.done or row.request.cancelled:
                 if not row.done:
-                    logger.info("Dropped a cancelled request from its batch after 0 tokens")
+                    logger.info("Dropped a cancelled request from its batch after %d tokens", row.generated)
                 self.finish(row)
             else:
                 keep.append(row)
         self.waiting = keep
 
-    def admit(self, batch: PrefillBatch) -> None:
-        """The batch was prefilled into its slots: its rows are live, their prompts cached."""
+    def prefilled(self, batch: PrefillBatch) -> None:
+        """The batch ran: its chunks are cached; the rows that completed their prompt are live."""
         assert batch.first_slot == len(self.live), "rows are admitted into the slots after the live ones"
-        for row in batch.rows:
-            row.cache_len = row.request.prompt_tokens
-            self.live.append(row)
+        for chunk in batch.chunks:
+            row = chunk.row
+            row.prefilled = row.cache_len = chunk.end
+            if chunk.completes:
+                if self.prefilling is row:
+                    self.prefilling = None
+                row.table_len = len(row.blocks)  # the runner wrote its slot's table
+                self._admissions += 1
+                row.admitted = self._admissions
+                self.live.append(row)
 
     def reject(self, batch: PrefillBatch, error: BaseException) -> None:
         """The batch's prefill failed (a prompt the model refused): its groups fail, nothing else."""
         for group in {row.group for row in batch.rows}:
             self.fail_group(group, error)
         for row in batch.rows:
+            if self.prefilling is row:
+                self.prefilling = None
             self.finish(row)
 
     # ---- decoding ---------------------------------------------------------------------------------
 
     def schedule_decode(self) -> DecodeBatch | None:
-        """The decode step over every live row (None: no row is live)."""
+        """The decode step over every live row (None: nothing to do), each row with a block for the
+        position it writes. Rows take blocks oldest first; where none are left, the youngest live
+        row is preempted (`_preempt`) until they fit (a lone row always fits: `check`)."""
+        moves: list[SlotMove] = []
+        for row in sorted(self.live, key=lambda r: r.admitted):
+            while row in self.live and not self._grow(row, row.cache_len + 1, 0):
+                moves.append(self._preempt(max(self.live, key=lambda r: r.admitted)))
+        # The table entries the device does not have yet, named by the slots after the moves.
+        grown = []
+        for slot, row in enumerate(self.live):
+            grown += [BlockGrant(slot, i, row.blocks[i]) for i in range(row.table_len, len(row.blocks))]
+            row.table_len = len(row.blocks)
         live = len(self.live)
         if live == 0:
-            return None
+            return DecodeBatch([], 0, 0, False, moves, grown) if moves else None
         bucket = next(b for b in self.buckets if b >= live)
         needed = max(row.cache_len for row in self.live) + 1
         span = min(self.max_len, max(self.min_length_bucket, 1 << (needed - 1).bit_length()))
         sampled = any(not row.request.sampling.greedy for row in self.live)
-        return DecodeBatch(list(self.live), bucket, span, sampled)
+        return DecodeBatch(list(self.live), bucket, span, sampled, moves, grown)
+
+    def _preempt(self, row: SlotRow) -> SlotMove:
+        """Take `row` off its slot and give its blocks back; it waits at the head of the queue and its
+        prefill later recomputes its prompt and output so far (vLLM's recompute preemption)."""
+        slot = self.live.index(row)
+        move = self._vacate(slot)
+        self.pool.give_back(row.blocks)
+        row.blocks, row.prefilled, row.cache_len, row.table_len = [], 0, 0, 0
+        row.incarnation += 1
+        row.resume_ids = [*row.request.input_ids, *row.output_ids]
+        self.waiting.appendleft(row)
+        self.preemptions += 1
+        logger.warning("KV cache full: preempted a request after %d tokens; it resumes when blocks free up",
+                       row.generated)
+        return move
+
+    def _vacate(self, slot: int) -> SlotMove:
+        """Empty `slot`, moving the last live row into it (so the live rows keep slots 0..n-1)."""
+        last = len(self.live) - 1
+        self.live[slot] = self.live[last]
+        self.live.pop()
+        return SlotMove(slot, last)
 
     def launched(self, batch: DecodeBatch) -> None:
         """The step was launched: each of its rows will have one more token cached."""
         for row in batch.rows:
             row.cache_len += 1
 
-    def postprocess(self, rows: list[SlotRow], tokens: list[int], eos_ids: frozenset[int]) -> StepResult:
+    def postprocess(self, rows: list[SlotRow], incarnations: list[int], tokens: list[int],
+                    eos_ids: frozenset[int]) -> StepResult:
         """Advance each row by its token of one step (rows finished earlier skip theirs: a step
-        launched before their end was known)."""
+        launched before their end was known; so do rows preempted since the step was launched)."""
         outputs: dict[Group, list[StepOutput]] = {}
         ended: list[SlotRow] = []
         advanced = 0
-        for row, token in zip(rows, tokens):
-            if row.done:
+        for row, incarnation, token in zip(rows, incarnations, tokens):
+            if row.done or row.incarnation != incarnation:
                 continue
+            row.output_ids.append(token)
             chunk = row.advance(token, eos_ids)
             advanced += 1
             if chunk is not None and not row.group.failed:
@@ -205,18 +357,18 @@ class Scheduler:
         return StepResult(outputs, ended, advanced)
 
     def release_finished(self) -> list[SlotMove]:
-        """Free the slots of finished rows, keeping the live ones in slots 0..n-1; returns the moves,
-        in the order the runner must apply them to its cache and state."""
+        """Free the slots and blocks of finished rows, keeping the live ones in slots 0..n-1; returns
+        the moves, in the order the runner must apply them to its state."""
         moves: list[SlotMove] = []
         for slot in reversed(range(len(self.live))):
-            if not self.live[slot].done:
+            row = self.live[slot]
+            if not row.done:
                 continue
-            last = len(self.live) - 1
-            mover = self.live[last]
-            # The launched steps have written up to cache_len positions of the mover's slot.
-            moves.append(SlotMove(slot, last, min(mover.cache_len, self.max_len)))
-            self.live[slot] = mover
-            self.live.pop()
+            # A step launched before its end was known may still write into its last block: that step
+            # runs before anything queued after it on the device, a later prefill into the block too.
+            self.pool.give_back(row.blocks)
+            row.blocks = []
+            moves.append(self._vacate(slot))
         return moves
 
     # ---- completion and failure -------------------------------------------------------------------
@@ -242,8 +394,12 @@ class Scheduler:
             row.done = True
 
     def fail_all(self, error: BaseException) -> None:
-        """Every request in flight fails with `error`, waiting or live; no slot stays taken."""
-        for row in [*self.live, *self.waiting]:
+        """Every request in flight fails with `error`, waiting or live; no slot or block stays taken."""
+        rows = [*self.live, *self.waiting, *([self.prefilling] if self.prefilling else [])]
+        for row in rows:
             self.fail_group(row.group, error)
+            row.blocks = []
         self.waiting.clear()
         self.live.clear()
+        self.prefilling = None
+        self.pool.reset()

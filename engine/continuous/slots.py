@@ -1,9 +1,11 @@
-"""The preallocated KV cache and per-slot decoding state, all on the device.
+"""The paged KV cache and per-slot decoding state, all on the device.
 
-A slot holds one sequence: its keys and values, how many tokens it has cached, its rotary delta
-and its sampling parameters. Active sequences always occupy slots 0..n-1 (a finished sequence's
-slot is refilled by moving the last one into it), so a decode step over the first B slots covers
-every active sequence, and B can be rounded up to a bucket whose CUDA graph is already captured.
+A slot holds one decoding sequence: its block table (where its keys and values are in the paged
+cache), how many tokens it has cached, its rotary delta and its sampling parameters. Active
+sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by moving the last one
+into it: its table row and state, never its keys and values), so a decode step over the first B
+slots covers every active sequence, and B can be rounded up to a bucket whose CUDA graph is
+already captured.
 
 Everything a decode step reads or writes lives in the tensors made here, at fixed addresses, so
 a step captured once in a CUDA graph stays valid for every later replay.
@@ -14,46 +16,45 @@ from __future__ import annotations
 import torch
 
 
-class SlotKVCache:
-    """Keys and values per layer, [slots, kv_heads, max_len, head_dim] each, in the model's dtype.
+class PagedKVCache:
+    """Keys and values per layer, [num_blocks, block_size, kv_heads, head_dim] each, in the model's dtype.
 
-    One tensor per layer and kind (not one big tensor) so the decode step's in-place writes are on
-    whole tensors: torch.compile keeps those in place, where a write into a view of a larger
-    tensor may be turned into a copy of all of it.
+    Position p of a sequence is at [table[p // block_size], p % block_size] (blocks.py). Tokens,
+    then heads, as the projections lay them out: a row's block run gathered by its table is already
+    [positions, kv_heads, head_dim], which attention reads as a heads-first view without a copy.
+
+    One tensor per layer and kind (not one big tensor) so the steps' in-place writes are on whole
+    tensors: torch.compile keeps those in place, where a write into a view of a larger tensor may be
+    turned into a copy of all of it.
     """
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.slots, self.max_len = slots, max_len
-        # One spare position past max_len, never read: attention's span of the cache is then always a
-        # strict prefix. A span of the whole tensor is a different case to torch.compile (contiguity),
-        # which would compile the step twice more, minutes each on a GPU, the first time a sequence
-        # grows that long.
-        shape = (slots, kv_heads, max_len + 1, head_dim)
-        # Zeros, not empty: inactive rows attend over these, and NaN garbage would make their (ignored)
-        # outputs NaN, which is harmless but noisy in debugging.
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # Zeros, not empty: the rows of a step that are not live attend over the scratch block, and NaN
+        # garbage would make their (ignored) outputs NaN, which is harmless but noisy in debugging.
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         for tensor in (*self.keys, *self.values):
             torch._dynamo.mark_static_address(tensor)
-            # Static sizes too: they never change, and a compiled layer that took the slot count as
-            # a symbol would specialise on rows == slots whenever its first batch fills the cache
-            # (dynamo's duck sizing), compiling once more for every other batch size.
+            # Static sizes too: they never change, and a compiled layer that took a size as a symbol
+            # could specialise on it meeting another size (dynamo's duck sizing) and compile again.
             torch._dynamo.mark_static(tensor)
+
+    @staticmethod
+    def block_bytes(layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes over every layer, keys and values."""
+        return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of slot `src` into slot `dst`."""
-        for cache in (*self.keys, *self.values):
-            cache[dst, :, :length].copy_(cache[src, :, :length])
 
 
 class SlotState:
     """Per-slot values on the device: what the next decode step needs, and what it updates."""
 
-    def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
+    def __init__(self, slots: int, vocab: int, max_blocks: int, device: torch.device) -> None:
 
         def make(dtype: torch.dtype, fill: float | bool = 0, width: int | None = None) -> torch.Tensor:
             tensor = torch.full((slots,) if width is None else (slots, width), fill, dtype=dtype, device=device)
@@ -76,7 +77,10 @@ class SlotState:
         # fixed shape that a captured step can update in place).
         self.seen = make(torch.bool, False, width=vocab)
         self.next_token = make(torch.long)  # the step's output, read by the host
-        self._all = [self.last_token, self.length, self.rope_delta, self.generated, self.active, self.min_tokens,
+        # The slot's blocks in sequence order; 0 (the scratch block) past its end and in free slots.
+        self.block_table = make(torch.long, 0, width=max_blocks)
+        torch._dynamo.mark_static(self.block_table)
+        self._all = [self.block_table, self.last_token, self.length, self.rope_delta, self.generated, self.active, self.min_tokens,
                      self.ignore_eos, self.temperature, self.top_p, self.top_k, self.penalty, self.seed, self.seen,
                      self.next_token]
 
@@ -87,6 +91,7 @@ class SlotState:
     def clear(self, slot: int) -> None:
         self.active[slot] = False
         self.length[slot] = 0
+        self.block_table[slot] = 0
 
     @staticmethod
     def mark_seen(seen: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor) -> None:

@@ -135,6 +135,49 @@ def test_more_requests_than_slots_wait_and_finishing_rows_free_their_slots(engin
         small.close()
 
 
+def test_prompts_prefilled_in_chunks_give_the_same_tokens(engine, monkeypatch) -> None:
+    """A budget of 24 tokens a pass cuts every image prompt into chunks (the image's tokens too): the
+    later chunks attend over the earlier ones through the block table, the image encoded once."""
+    chunked = continuous(engine, max_slots=4, max_prefill_tokens=24, block_size=4, min_length_bucket=16)
+    recorded = record_detokenizers(chunked, monkeypatch)
+    try:
+        requests = mixed_requests(engine, max_tokens=16)
+        assert max(engine.prepare(r).prompt_tokens for r in requests) > 2 * 24
+        alone = [plain_generate(engine, engine.prepare(r)) for r in requests]
+        recorded.clear()
+        run(chunked, requests)
+        assert [[t for t in d.tokens if t not in engine.loaded.eos_token_ids] for d in recorded] == alone
+        assert wait_until(lambda: not chunked.busy)
+        assert chunked.scheduler.pool.free == chunked.scheduler.pool.capacity  # every block given back
+    finally:
+        chunked.close()
+
+
+def test_rows_preempted_when_blocks_run_out_resume_to_the_same_tokens(engine, cengine, monkeypatch) -> None:
+    """A cache too small for every row at once: the youngest rows are preempted, prefilled again with
+    their output so far, and end as they would have alone (seeded sampling included)."""
+    requests = [user_request(engine, f"Question number {i}?", preprocessed(engine, (56, 84), (i * 60, 0, 0))
+                             if i % 2 else None, max_tokens=60, ignore_eos=True, **sampling)
+                for i, sampling in enumerate([{}, {}, {"temperature": 0.9, "seed": 7}, {}])]
+    alone = []
+    for request in requests:
+        recorded = record_detokenizers(cengine, monkeypatch)
+        run(cengine, [request])
+        alone.append(recorded[-1].tokens)
+    tight = continuous(engine, max_slots=4, block_size=4, min_length_bucket=16, kv_cache_blocks=60)
+    try:
+        prepared = [engine.prepare(r) for r in requests]
+        assert sum(p.prompt_tokens + p.max_tokens for p in prepared) > 59 * 4  # more than the cache holds
+        recorded = record_detokenizers(tight, monkeypatch)
+        run(tight, requests)
+        assert tight.scheduler.preemptions > 0
+        assert [d.tokens for d in recorded] == alone
+        assert wait_until(lambda: not tight.busy)
+        assert tight.scheduler.pool.free == tight.scheduler.pool.capacity
+    finally:
+        tight.close()
+
+
 def test_a_request_arriving_mid_decode_joins_within_two_steps(engine, cengine, monkeypatch) -> None:
     long = engine.prepare(user_request(engine, "A long story.", None, max_tokens=200, ignore_eos=True))
     late_request = user_request(engine, "Colour?", preprocessed(engine, (84, 84), (0, 90, 200)), max_tokens=6)
@@ -399,20 +442,24 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
         compiled.call(every_key)
         assert compiled_graphs() - before == 2
 
-        def prompts(rows: int, width: int, first_slot: int) -> None:  # into free slots: nothing live reads them
-            ids = torch.full((rows, width), engine.loaded.pad_token_id, dtype=torch.long)
-            compiled.runner.decoder.prefill({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, first_slot,
-                                            engine.loaded.device)
+        def prompts(rows: int, width: int, start: int) -> None:  # into the scratch block: nothing reads it
+            runner = compiled.runner
+            ids = torch.full((rows, start + width), engine.loaded.pad_token_id, dtype=torch.long)
+            embedded = runner.decoder.embed_prompts({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                                    runner.device)
+            runner.decoder.prefill(embedded, runner.scratch_chunk(rows, width, start), torch.full((rows,), width - 1))
 
-        # The engine's warm-up compiles the prompt layer twice (any batch and width; batch 1), and on
-        # shapes that leave no alignment to assume: a graph first traced on an even shape may assume its
-        # alignment and be compiled again for an odd one, a stall mid-serving.
+        # The engine's warm-up compiles the prompt layer twice (any batch and width; batch 1) and the
+        # layer of continued chunks (batch 1) once, on shapes that leave no alignment to assume: a graph
+        # first traced on an even shape may assume its alignment and be compiled again for an odd one,
+        # a stall mid-serving.
         before = compiled_graphs()
         compiled.call(compiled.runner.warm_prefill)
-        assert compiled_graphs() - before == 2
-        for rows, width, first_slot in ((4, 285, 1), (1, 285, 0), (2, 32, 6), (8, 64, 0), (1, 20, 3), (5, 300, 2)):
-            compiled.call(lambda: prompts(rows, width, first_slot))
-        assert compiled_graphs() - before == 2
+        assert compiled_graphs() - before == 3
+        for rows, width, start in ((4, 285, 0), (1, 285, 0), (2, 32, 0), (8, 64, 0), (1, 20, 0), (5, 300, 0),
+                                   (1, 64, 32), (1, 300, 500), (1, 16, 16)):
+            compiled.call(lambda: prompts(rows, width, start))
+        assert compiled_graphs() - before == 3
     finally:
         compiled.close()
 

@@ -5,21 +5,23 @@ linears included):
   x = embed(tokens); per layer: x += post_self_attn_norm(attn(input_norm(x))),
                                 x += post_mlp_norm(mlp(post_attention_norm(x)));
   logits = lm_head(norm(x)).
-What differs from HF's forward is only where attention finds its keys and values: in the slot
-cache, written in place, never in a `DynamicCache` copied afterwards.
+What differs from HF's forward is only where attention finds its keys and values: in the paged
+cache (engine/continuous/slots.py), written in place, never in a `DynamicCache` copied afterwards.
 
 Prefill: the HF vision encoder (once per image) and HF's own image-token merge and multimodal
-rotary positions, then the layers over the new prompts laid out *right*-padded, so that row j's
-token t has cache position t in its slot: every layer writes its keys/values for all rows with one
-scatter, and attention is plain causal attention over the new tokens (a real token at t sees only
+rotary positions (`embed_prompts`), then the layers over chunks of the prompts (`prefill`), laid
+out *right*-padded so that row j's column t is its position start + t. Every layer writes its
+keys/values for all rows with one scatter into their blocks (pad columns into the scratch block).
+A first chunk needs only plain causal attention over its own tokens (a real token at t sees only
 positions <= t, all real; a pad token sees real tokens and earlier pads, so it stays finite and is
-never read: decoding overwrites position `length` before it becomes visible).
+never read). A later chunk of a prompt (chunked prefill) attends over the row's earlier positions
+too, gathered from its blocks.
 
-Decode: one new token per slot, written at `length`; attention reads the first L positions of
-every slot with a length mask. Rotary positions need no per-token work: after the prompt, GLM-4V's
-three mrope components are all `length + rope_delta` (see `Glm4vModel.get_rope_index`), so one
-scalar per slot is enough. The step has no data-dependent shapes and no host reads, so it can be
-compiled and captured.
+Decode: one new token per slot, written at position `length` of its blocks; attention reads the
+first L positions of every slot through its block table, with a length mask. Rotary positions need
+no per-token work: after the prompt, GLM-4V's three mrope components are all `length + rope_delta`
+(see `Glm4vModel.get_rope_index`), so one scalar per slot is enough. The step has no
+data-dependent shapes and no host reads, so it can be compiled and captured.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
+from engine.attention.paged_decode import PagedDecodeAttention, gather
 from engine.continuous.sampling import RowParams, sample
-from engine.continuous.slots import SlotKVCache, SlotState
+from engine.continuous.slots import PagedKVCache, SlotState
 from engine.models.glm4v import vision
 from engine.quant import int4_linear
 
@@ -73,19 +77,70 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-@dataclass
-class Prefill:
-    """What one prefill pass gives the engine, row by row (rows in the order given); the prompts'
-    keys and values are already in their slots."""
+def fuse_linears(modules: list[nn.Module]) -> nn.Linear | None:
+    """One float `nn.Linear` giving the outputs of `modules` side by side, or None unless all are
+    plain `nn.Linear`s over the same input. The weights are held once: each module's weight (and bias)
+    becomes a view of the fused one, so HF's own forward still runs through them."""
+    if not modules or not all(type(m) is nn.Linear for m in modules):
+        return None
+    first = modules[0]
+    if any((m.in_features, m.weight.dtype, m.bias is None) != (first.in_features, first.weight.dtype, first.bias is None)
+           for m in modules):
+        return None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in modules), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in modules]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in modules]))
+    fused.requires_grad_(False)
+    start = 0
+    for m in modules:
+        span = slice(start, start + m.out_features)
+        m.weight = nn.Parameter(fused.weight[span], requires_grad=False)
+        if m.bias is not None:
+            m.bias = nn.Parameter(fused.bias[span], requires_grad=False)
+        start += m.out_features
+    return fused
 
-    logits: torch.Tensor  # [rows, vocab] at each prompt's last position
+
+@dataclass
+class PromptInputs:
+    """Prompts ready for the layers, right-padded (row j's token t in column t), on the device:
+    embeddings with the image features merged in, and GLM-4V's 3D rotary positions. Made once per
+    prompt (the vision encoder runs once per image) and sliced by each chunk of its prefill."""
+
+    hidden: torch.Tensor  # [rows, width, hidden]
+    positions: torch.Tensor  # [3, rows, width]
+    lengths: list[int]
     rope_deltas: list[int]
+
+    def row(self, index: int) -> PromptInputs:
+        """Row `index` alone, unpadded."""
+        n = self.lengths[index]
+        return PromptInputs(self.hidden[index:index + 1, :n], self.positions[:, index:index + 1, :n], [n],
+                            [self.rope_deltas[index]])
+
+
+@dataclass
+class PromptChunk:
+    """Where one prefill pass writes and what its attention reads, as the runner lays it out (on the
+    device): columns start..start+width-1 of the prompts go to cache blocks `write_blocks` at offsets
+    `write_offsets` [rows, width] (the scratch block for pad columns). With start > 0 (one row going on
+    with its prompt), attention also reads the row's earlier positions, through `context_blocks` [1, n]."""
+
+    start: int
+    width: int
+    write_blocks: torch.Tensor
+    write_offsets: torch.Tensor
+    context_blocks: torch.Tensor | None = None
 
 
 class Glm4vDecoder:
-    """Prefill through the HF model; the decode step over the slot cache on its modules."""
+    """Prefill through the HF model's modules into the paged cache; the decode step over it."""
 
-    def __init__(self, model, cache: SlotKVCache, state: SlotState, eos_ids: set[int], device: torch.device) -> None:
+    def __init__(self, model, cache: PagedKVCache, state: SlotState, eos_ids: set[int], device: torch.device,
+                 decode_attention: PagedDecodeAttention) -> None:
         self.model = model
         self.language_model = language_model = model.model.language_model
         self.embed = language_model.embed_tokens
@@ -99,56 +154,79 @@ class Glm4vDecoder:
         self.heads, self.kv_heads = attention.num_heads, attention.num_key_value_heads
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.qkv_sizes = [self.heads * self.head_dim, *[self.kv_heads * self.head_dim] * 2]
-        self._fuse_projections()
+        self._fuse_projections(device)
         self.cache, self.state = cache, state
+        self.decode_attention = decode_attention
         vocab = self.lm_head.out_features
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         self.eos_mask[[i for i in sorted(eos_ids) if i < vocab]] = True
-        self.row_ids = torch.arange(cache.slots, device=device)
-        # As long as the cache's positions, one more than any span (see SlotKVCache).
-        self.span_ids = torch.arange(cache.keys[0].shape[2], device=device)
-        for ids in (self.row_ids, self.span_ids):  # static sizes, as the cache's (see SlotKVCache)
-            torch._dynamo.mark_static(ids)
+        # Positions attention can read in one row: every block its table can hold (a span is a prefix).
+        self.span_ids = torch.arange(state.block_table.shape[1] * cache.block_size, device=device)
+        torch._dynamo.mark_static(self.span_ids)  # a static size, as the cache's (see PagedKVCache)
         # compile_forward swaps in the compiled ones
-        self._layer, self._prompt_layer = self.layer, self.prompt_layer
+        self._layer, self._prompt_layer, self._context_layer = self.layer, self.prompt_layer, self.context_layer
         self.varlen_vision = vision.use_varlen_attention(model, device)
 
-    def _fuse_projections(self) -> None:
-        """Each layer's q, k and v projections as one module (`qkv_proj`), where they are 4-bit
-        (int4_linear.fuse); float ones stay three, keeping float32 results equal to generate()'s."""
+    def _fuse_projections(self, device: torch.device) -> None:
+        """Each layer's q, k and v projections as one module (`qkv_proj`): one weight read and one
+        kernel where three ran, the small k and v ones far from the memory bandwidth. Where they are
+        4-bit (int4_linear.fuse), and float ones on a GPU; float ones on a CPU stay three, keeping
+        float32 results equal to generate()'s bit for bit (one matmul of the joined weight may sum in
+        another order)."""
         for layer in self.layers:
             attn = layer.self_attn
             if hasattr(attn, "qkv_proj"):  # an earlier engine over the same model fused them
                 continue
-            fused = int4_linear.fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+            fused = int4_linear.fuse(projections)
+            if fused is None and device.type == "cuda":
+                fused = fuse_linears(projections)
             if fused is not None:
                 attn.qkv_proj = fused
 
     # ---- prefill ---------------------------------------------------------------------------
 
-    def prefill(self, inputs: dict[str, torch.Tensor], first_slot: int, device: torch.device) -> Prefill:
-        """Run left-padded prompts (engine/collate.py's layout, on the CPU) into slots first_slot,
-        first_slot + 1, ...: their keys and values land in the cache, their last logits come back."""
+    def embed_prompts(self, inputs: dict[str, torch.Tensor], device: torch.device) -> PromptInputs:
+        """Left-padded prompts (engine/collate.py's layout, on the CPU) ready for `prefill`: embedded,
+        images encoded and merged in, rotary positions computed, re-laid out right-padded."""
         position_ids, deltas = self.rope_positions(inputs)
         lengths = inputs["attention_mask"].sum(-1)
-        rows, width = inputs["input_ids"].shape
+        width = inputs["input_ids"].shape[1]
         # Left- to right-padded: row j's token t moves from column pad_j + t to column t.
         pads = width - lengths
         columns = (torch.arange(width)[None, :] + pads[:, None]) % width
         host_ids = inputs["input_ids"].gather(1, columns)
         input_ids = upload(host_ids, device)
-        position_ids = upload(position_ids.gather(2, columns[None].expand(3, -1, -1)), device)
+        positions = upload(position_ids.gather(2, columns[None].expand(3, -1, -1)), device)
         hidden = self.embed(input_ids)
         if "pixel_values" in inputs:
             hidden = self.merge_images(host_ids, input_ids, hidden, upload(inputs["pixel_values"], device),
                                        inputs["image_grid_thw"])
-        cos, sin = self.language_model.rotary_emb(hidden, position_ids)
-        slots = self.row_ids[first_slot:first_slot + rows]
-        positions = self.span_ids[:width]
-        for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
-            hidden = self._prompt_layer(layer, cache_k, cache_v, hidden, cos, sin, slots, positions)
-        last = hidden[torch.arange(rows, device=device), upload(lengths - 1, device)]
-        return Prefill(self.lm_head(self.norm(last)), deltas)
+        return PromptInputs(hidden, positions, lengths.tolist(), deltas)
+
+    def prefill(self, prompts: PromptInputs, chunk: PromptChunk, last: torch.Tensor) -> torch.Tensor:
+        """Run columns chunk.start..chunk.start+chunk.width-1 of `prompts` through the layers, their keys
+        and values into the cache as `chunk` says; the logits [rows, vocab] at each row's column
+        `last` [rows] (relative to chunk.start; the ones of rows whose prompt goes on are not used)."""
+        columns = slice(chunk.start, chunk.start + chunk.width)
+        # A copy of its own, as every later layer's input is: a compiled layer guards on its input's
+        # storage offset, and would compile again for the first layer's view into the prompts.
+        hidden = prompts.hidden[:, columns].clone()
+        cos, sin = self.language_model.rotary_emb(hidden, prompts.positions[:, :, columns])
+        if chunk.context_blocks is None:
+            for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
+                hidden = self._prompt_layer(layer, cache_k, cache_v, hidden, cos, sin, chunk.write_blocks,
+                                            chunk.write_offsets)
+        else:
+            # Query t (position start + t) sees every position up to its own.
+            span = chunk.context_blocks.shape[1] * self.cache.block_size
+            visible = (torch.arange(span, device=hidden.device)[None, :]
+                       <= chunk.start + torch.arange(chunk.width, device=hidden.device)[:, None])[None, None]
+            for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
+                hidden = self._context_layer(layer, cache_k, cache_v, hidden, cos, sin, chunk.write_blocks,
+                                             chunk.write_offsets, chunk.context_blocks, visible)
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.lm_head(self.norm(final))
 
     def merge_images(self, host_ids: torch.Tensor, input_ids: torch.Tensor, embeds: torch.Tensor,
                      pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -223,16 +301,19 @@ class Glm4vDecoder:
         (`compile_forward`): sampling stays eager, since inductor has failed on its sort/scatter over
         the vocabulary, and inside a CUDA graph its few kernels cost nothing to launch anyway."""
         state = self.state
-        tokens, length = state.last_token[:rows], state.length[:rows]
+        tokens, length, active = state.last_token[:rows], state.length[:rows], state.active[:rows]
         hidden = self.embed(tokens)[:, None, :]
         cos, sin = self.rotary(length + state.rope_delta[:rows], hidden.dtype)
-        # Rows with a cache longer than the span are never live (the engine picks L above every live
-        # length); clamping keeps their writes inside their own slot.
-        write_at = length.clamp(max=span.shape[0] - 1)
-        slots = self.row_ids[:rows]
-        visible = (span[None, :] <= length[:, None])[:, None, None, :]
+        block_size = self.cache.block_size
+        table = state.block_table[:rows]
+        # The new token's key/value goes to its row's block for position `length`; rows that are not
+        # live write to the scratch block (their table may name blocks another row holds now).
+        index = (length // block_size).clamp(max=table.shape[1] - 1)
+        write_blocks = torch.where(active, table.gather(1, index[:, None])[:, 0], 0)
+        write_offsets = length % block_size
         for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
-            hidden = self._layer(layer, cache_k, cache_v, hidden, cos, sin, slots, write_at, visible)
+            hidden = self._layer(layer, cache_k, cache_v, hidden, cos, sin, write_blocks, write_offsets, table, length,
+                                 span)
         return self.lm_head(self.norm(hidden))[:, 0]
 
     def compile_forward(self, mode: str) -> None:
@@ -245,6 +326,7 @@ class Glm4vDecoder:
         sizes of 1)."""
         self._layer = torch.compile(self.layer, mode=mode, fullgraph=False, dynamic=True)
         self._prompt_layer = torch.compile(self.prompt_layer, mode=mode, fullgraph=False, dynamic=True)
+        self._context_layer = torch.compile(self.context_layer, mode=mode, fullgraph=False, dynamic=True)
         if self.varlen_vision:  # HF's per-image attention would recompile for each new number of images
             vision.compile_blocks(self.model, mode)
 
@@ -261,19 +343,31 @@ class Glm4vDecoder:
         return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
 
     def layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor, slots: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Glm4vTextDecoderLayer.forward for one token per row, attention over the slot cache (the
-        layer's own keys and values)."""
+              sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor, table: torch.Tensor,
+              lengths: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        """Glm4vTextDecoderLayer.forward for one token per row, attention over positions 0..length of
+        each row's blocks (`table` [rows, max_blocks]), at most len(span) of them. (The whole table:
+        a slice passed in would be one more dynamic size, which dynamo's duck sizing equates with any
+        other of the same value, recompiling when they differ.)"""
         attended = self.attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
-                                  slots, write_at, visible)
+                                  write_blocks, write_offsets, table, lengths, span.shape[0])
         return self.feed_forward(layer, hidden, attended)
 
     def prompt_layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Glm4vTextDecoderLayer.forward for right-padded prompts [rows, width, hidden] going into
-        `slots` at cache `positions` (0..width-1)."""
+                     cos: torch.Tensor, sin: torch.Tensor, write_blocks: torch.Tensor,
+                     write_offsets: torch.Tensor) -> torch.Tensor:
+        """Glm4vTextDecoderLayer.forward for the first chunk of right-padded prompts [rows, width, hidden]."""
         attended = self.prompt_attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
-                                         slots, positions)
+                                         write_blocks, write_offsets)
+        return self.feed_forward(layer, hidden, attended)
+
+    def context_layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor,
+                      context: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Glm4vTextDecoderLayer.forward for a later chunk of one prompt [1, width, hidden], attention
+        over its earlier positions too."""
+        attended = self.context_attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos,
+                                          sin, write_blocks, write_offsets, context, visible)
         return self.feed_forward(layer, hidden, attended)
 
     @staticmethod
@@ -300,30 +394,24 @@ class Glm4vDecoder:
         return q, k, v
 
     def attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, slots: torch.Tensor, write_at: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        rows, span = x.shape[0], visible.shape[-1]
+                  sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor, table: torch.Tensor,
+                  lengths: torch.Tensor, span: int) -> torch.Tensor:
+        rows = x.shape[0]
         q, k, v = self.project(attn, x, cos, sin)
-        cache_k[slots, :, write_at] = k[:, 0]
-        cache_v[slots, :, write_at] = v[:, 0]
-        # Grouped-query attention without repeating the cache: the query heads that share a
-        # key/value head become that head's "query positions" (query head h reads kv head
-        # h // groups, as transformers' repeat_kv arranges them).
+        cache_k[write_blocks, write_offsets] = k[:, 0]
+        cache_v[write_blocks, write_offsets] = v[:, 0]
         groups = self.heads // self.kv_heads
-        out = F.scaled_dot_product_attention(
-            q.reshape(rows, self.kv_heads, groups, self.head_dim),
-            cache_k[:rows, :, :span], cache_v[:rows, :, :span],
-            attn_mask=visible, scale=self.scaling,
-        )
+        out = self.decode_attention(q.reshape(rows, self.kv_heads, groups, self.head_dim), cache_k, cache_v, table,
+                                    lengths, span, self.scaling)
         return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
 
     def prompt_attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                         sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> torch.Tensor:
         rows, width = x.shape[:2]
         q, k, v = self.project(attn, x, cos, sin)
-        # One scatter per tensor for every row (indices [rows, 1] and [1, width] broadcast against
-        # the value's [rows, width] leading dimensions).
-        cache_k[slots[:, None], :, positions[None, :]] = k
-        cache_v[slots[:, None], :, positions[None, :]] = v
+        # One scatter per tensor for every row and column ([rows, width] indices).
+        cache_k[write_blocks, write_offsets] = k
+        cache_v[write_blocks, write_offsets] = v
         # enable_gqa: the kernels read each key/value head for its group of query heads, where
         # repeating them first cost a copy as long as the attention itself.
         with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
@@ -331,4 +419,19 @@ class Glm4vDecoder:
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scaling,
                 enable_gqa=True,
             )
+        return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))
+
+    def context_attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, write_blocks: torch.Tensor,
+                          write_offsets: torch.Tensor, context: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        rows, width = x.shape[:2]
+        q, k, v = self.project(attn, x, cos, sin)
+        cache_k[write_blocks, write_offsets] = k
+        cache_v[write_blocks, write_offsets] = v
+        # The key/value heads repeated for their query heads (transformers' repeat_kv): an explicit
+        # mask rules FlashAttention out, and the memory-efficient kernel that takes one has no GQA.
+        groups = self.heads // self.kv_heads
+        keys = gather(cache_k, context).repeat_interleave(groups, dim=1)
+        values = gather(cache_v, context).repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible, scale=self.scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))
