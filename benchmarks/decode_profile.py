@@ -52,7 +52,7 @@ def fill_slots(runner: ModelRunner, rows: int, length: int) -> None:
 def step_times(runner: ModelRunner, rows: int, span: int, steps: int) -> list[float]:
     """Seconds per decode step at (rows, span), greedy, each replay timed alone. The lengths are put
     back after each step, so every step reads the same cache."""
-    key = (rows, span, False)
+    key = (rows, span, False, False)
     saved = runner.state.length[:rows].clone()
     times = []
     for _ in range(steps + 3):
@@ -111,7 +111,7 @@ KERNEL_GROUPS = (
 )
 
 
-def kernel_split(runner: ModelRunner, key: tuple[int, int, bool], steps: int = 20) -> dict[str, float]:
+def kernel_split(runner: ModelRunner, key: tuple[int, int, bool, bool], steps: int = 20) -> dict[str, float]:
     """Device milliseconds per step by kernel group, over `steps` replays under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             results["steps"][f"{kind}@{rows}"] = median
             print(f"{kind:>7} attention, {rows:>3} rows: decode step {median * 1e3:.2f} ms", flush=True)
             if device.type == "cuda":
-                split = kernel_split(runner, (rows, span, False))
+                split = kernel_split(runner, (rows, span, False, False))
                 results["kernels"][f"{kind}@{rows}"] = split
                 covered = sum(split.values())
                 print("         kernels (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(split.items()))

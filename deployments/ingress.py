@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.middleware import Middleware
 
+from deployments.choice_tally import ChoiceTally
 from deployments.metrics import CountRequests, IngressMetrics
 from deployments.rate_budget import Budget, RateLimitGate
 from serve_app.errors import (
@@ -30,17 +31,16 @@ from serve_app.errors import (
 )
 from serve_app.openai.app import build_api
 from serve_app.openai.auth import Authenticator, Principal
-from serve_app.openai.conversation import check_prompt_length, estimate_tokens, sampling_params, split_request
-from serve_app.openai.protocol import (
-    ChatCompletion,
-    ChatCompletionMessage,
-    ChatCompletionRequest,
-    Choice,
-    CompletionUsage,
-    Model,
-    ModelList,
-    completion_id,
+from serve_app.openai.choices import OutputOptions, collect_completion
+from serve_app.openai.conversation import (
+    check_prompt_length,
+    choices,
+    estimate_tokens,
+    sampling_params,
+    split_request,
+    template_tools,
 )
+from serve_app.openai.protocol import ChatCompletionRequest, Model, ModelList, completion_id
 from serve_app.openai.sse import chat_completion_events
 from serve_app.settings import IngressSettings, ModelSettings
 from serve_app.stage_types import GenerationChunk, GenerationRequest, ModelInfo
@@ -141,16 +141,19 @@ class Ingress:
         # Oversized text is refused here, before the model stage spends time tokenizing it.
         check_prompt_length(body, info.max_prompt_chars, info.max_model_len)
         sampling = sampling_params(body, self._settings, info.generation_defaults)
+        n = choices(body, self._settings)
         budget = await self._admit(principal, estimate_tokens(body, self._model.default_max_tokens))
         try:
             # The preprocessor's responses go to the model stage as they are: Serve hands each to it as
             # an object reference, so pixels travel from one replica to the other through the object
             # store without this event loop waiting for them, deserializing and sending them on.
             images = [self._preprocessor.process.remote(image) for image in image_inputs]
-            generation = GenerationRequest(messages=messages, images=[], sampling=sampling)
-            stream = self._observed(self._vlm.options(stream=True).generate.remote(generation, *images), started)
+            generation = GenerationRequest(
+                messages=messages, images=[], sampling=sampling, tools=template_tools(body), n=n
+            )
+            stream = self._observed(self._vlm.options(stream=True).generate.remote(generation, *images), started, n)
             # The budget settles from the stream itself, however it ends (done, failed, or cut).
-            stream = budget.metered(stream)
+            stream = budget.metered(stream, n)
             # Request errors arrive here, before any byte is sent: the image stage's too.
             first = await self._call(anext(stream))
         except BaseException as exc:
@@ -159,13 +162,14 @@ class Ingress:
                 exc.extra_headers = budget.headers
             raise
         cid = completion_id()
+        output = OutputOptions.of(body)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = chat_completion_events(stream, first, cid, body.model, include_usage)
+            events = chat_completion_events(stream, first, cid, body.model, include_usage, options=output)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **budget.headers}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         try:
-            completion = await self._call(self._collect(stream, first, cid, body.model))
+            completion = await self._call(collect_completion(stream, first, cid, body.model, output))
         finally:
             budget.settle()
         response.headers.update(budget.headers)
@@ -178,10 +182,12 @@ class Ingress:
             self._metrics.rate_limited.inc()
             raise
 
-    async def _observed(self, stream, started: float) -> AsyncIterator[GenerationChunk]:
-        """The model stage's stream, timed into the metrics; cancelled upstream if abandoned."""
+    async def _observed(self, stream, started: float, n: int) -> AsyncIterator[GenerationChunk]:
+        """The model stage's stream of a request of `n` choices, timed into the metrics; its tokens (the
+        prompt once, every choice's completion) counted once all n have finished. Cancelled upstream if
+        abandoned before then, so a client that leaves mid-answer frees every choice's batch row."""
         previous: float | None = None
-        finished = False
+        tally = ChoiceTally(n)
         try:
             async for chunk in stream:
                 now = time.perf_counter()
@@ -190,16 +196,17 @@ class Ingress:
                 else:
                     self._metrics.inter_token.observe(now - previous)
                 previous = now
-                if chunk.finish_reason is not None:
-                    finished = True
+                tally.add(chunk)
+                if chunk.finish_reason is not None and tally.finished:
+                    used = tally.usage()
                     # Ray's counters refuse an increment of 0 (an answer may end at its first token).
-                    if chunk.prompt_tokens:
-                        self._metrics.prompt_tokens.inc(chunk.prompt_tokens)
-                    if chunk.completion_tokens:
-                        self._metrics.completion_tokens.inc(chunk.completion_tokens)
+                    if used.prompt_tokens:
+                        self._metrics.prompt_tokens.inc(used.prompt_tokens)
+                    if used.completion_tokens:
+                        self._metrics.completion_tokens.inc(used.completion_tokens)
                 yield chunk
         finally:
-            if not finished:
+            if not tally.finished:
                 stream.cancel()  # the client went away or failed: free the batch slot now
 
     @staticmethod
@@ -216,19 +223,3 @@ class Ingress:
             raise ServiceUnavailableError("The model stage is unavailable; try again shortly.", retry_after_s=5) from exc
         except Exception as exc:
             raise unwrap(exc) or exc
-
-    @staticmethod
-    async def _collect(
-        stream: AsyncIterator[GenerationChunk], first: GenerationChunk, cid: str, model: str
-    ) -> ChatCompletion:
-        texts, last = [first.text], first
-        while last.finish_reason is None:
-            try:
-                last = await anext(stream)
-            except StopAsyncIteration:
-                raise APIError("The model stage ended the answer early.") from None
-            texts.append(last.text)
-        usage = CompletionUsage.of(last.prompt_tokens, last.completion_tokens, last.image_tokens)
-        choice = Choice(message=ChatCompletionMessage(content="".join(texts)), finish_reason=last.finish_reason)
-        return ChatCompletion(id=cid, model=model, choices=[choice], usage=usage)
-

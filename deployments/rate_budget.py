@@ -9,8 +9,9 @@ settle per admitted request, whatever way the request ends.
   call to a background task of its own, so it also runs from the `finally` of a stream whose
   client went away (a cancelled scope, where any await would be cancelled too). A settle that
   fails is logged; the reservation's estimate then stays charged until it leaves the window.
-- What is settled is what the request used: the token counts of the last chunk the model stage
-  sent (prompt + completion so far), 0 when it sent none.
+- What is settled is what the request used: the prompt once plus each of its n choices' completion
+  tokens, from the latest chunk of each (deployments/choice_tally.py), 0 when none was sent. It is
+  settled when every choice has finished, or when the stream fails or is cut, whichever comes first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from deployments.choice_tally import ChoiceTally
 from serve_app.errors import RateLimitError, ServiceUnavailableError
 from serve_app.openai.auth import Principal
 from serve_app.openai.ratelimit_headers import ratelimit_headers
@@ -54,16 +56,15 @@ class Budget:
     def unmetered(cls) -> Budget:
         return cls(None, None, None)
 
-    def record(self, chunk: GenerationChunk) -> None:
-        """Note a chunk from the model stage; each carries the request's token counts so far."""
-        self._used = chunk.prompt_tokens + chunk.completion_tokens
-
-    async def metered(self, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
-        """`chunks`, recorded as they pass; settled at the last chunk, or when the stream is cut."""
+    async def metered(self, chunks: AsyncIterator[GenerationChunk], n: int) -> AsyncIterator[GenerationChunk]:
+        """`chunks` of a request of `n` choices, counted as they pass; settled once every choice has
+        finished, or when the stream is cut."""
+        tally = ChoiceTally(n)
         try:
             async for chunk in chunks:
-                self.record(chunk)
-                if chunk.finish_reason is not None:
+                tally.add(chunk)
+                self._used = tally.usage().total_tokens
+                if chunk.finish_reason is not None and tally.finished:
                     self.settle()
                 yield chunk
         finally:

@@ -35,12 +35,16 @@ _BATCH_DONE = object()
 
 
 def coalesce(items: list) -> list:
-    """`items` with each run of consecutive chunks merged into one (their text joined; counts and
-    finish_reason from the last, which are cumulative); anything else kept in its place."""
+    """`items` with each run of consecutive chunks of one choice merged into one (their text and
+    logprobs joined; counts and finish_reason from the last, which are cumulative); anything else
+    kept in its place."""
     out: list = []
     for item in items:
-        if isinstance(item, GenerationChunk) and out and isinstance(out[-1], GenerationChunk):
-            out[-1] = replace(item, text=out[-1].text + item.text)
+        last = out[-1] if out else None
+        if (isinstance(item, GenerationChunk) and isinstance(last, GenerationChunk) and last.choice == item.choice
+                and last.finish_reason is None):
+            logprobs = None if item.logprobs is None else (*(last.logprobs or ()), *item.logprobs)
+            out[-1] = replace(item, text=last.text + item.text, logprobs=logprobs)
         else:
             out.append(item)
     return out
@@ -48,15 +52,22 @@ def coalesce(items: list) -> list:
 
 @dataclass(eq=False)
 class _Stream:
-    """One request's chunks from the engine, fed on the event loop; `ended` is set once its last
-    chunk (or its failure) is in."""
+    """One request's chunks from the engine, all its choices', fed on the event loop; `ended` is set
+    once the last chunk of every choice (or a failure) is in."""
 
+    choices: int = 1
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _open: int = 0
+
+    def __post_init__(self) -> None:
+        self._open = self.choices
 
     def put(self, item) -> None:
         self.queue.put_nowait(item)
-        if not isinstance(item, GenerationChunk) or item.finish_reason is not None:
+        if isinstance(item, GenerationChunk) and item.finish_reason is not None:
+            self._open -= 1
+        if not isinstance(item, GenerationChunk) or self._open == 0:
             self.ended.set()
 
 
@@ -101,29 +112,32 @@ class VLMServer:
         if images:
             request = replace(request, images=[*request.images, *images])
         prepared = await asyncio.to_thread(self._engine.prepare, request)
-        cost = Cost(tokens=prepared.prompt_tokens + prepared.max_tokens, images=len(request.images))
+        choices = prepared.choices(request.n)
+        cost = Cost(tokens=prepared.prompt_tokens + request.n * prepared.max_tokens, images=len(request.images))
         await self._budget.acquire(cost, self._admission_timeout_s)
-        finished = False
+        open_choices = request.n
         self._in_flight += 1
         self._metrics.queue_depth.set(self._in_flight)
         try:
-            async for chunk in self._stream(prepared):
+            async for chunk in self._stream(choices):
                 yield chunk
                 if chunk.finish_reason is not None:
-                    finished = True
-                    return
+                    open_choices -= 1
+                    if open_choices == 0:
+                        return
         finally:
             # Reached on completion, on an error and when the client goes away (cancellation or an
-            # abandoned stream): the engine drops the row at its next step either way.
-            self._engine.cancel(prepared)
+            # abandoned stream): the engine drops the rows at its next step either way.
+            for choice in choices:
+                self._engine.cancel(choice)
             await self._budget.release(cost)
             self._in_flight -= 1
             self._metrics.queue_depth.set(self._in_flight)
-            if not finished:
+            if open_choices:
                 self._metrics.cancelled.inc()
 
-    async def _stream(self, prepared: PreparedRequest) -> AsyncIterator[GenerationChunk]:
-        """One request's chunks from the engine; its error, if the engine fails it.
+    async def _stream(self, choices: list[PreparedRequest]) -> AsyncIterator[GenerationChunk]:
+        """One request's chunks from the engine, every choice's; its error, if the engine fails it.
 
         Chunks that queued up while this stream waited for the event loop go out as one: each item
         streamed through Ray costs the replica's event loop (and the ingress and proxy after it) about
@@ -132,7 +146,7 @@ class VLMServer:
         load nothing queues up and every token goes out as soon as it is decoded, unless
         `stream_interval_s` asks to gather tokens for that long after each chunk (never past the end).
         """
-        stream = await self._admit_batch(prepared)
+        stream = await self._admit_batch(choices)
         while True:
             items = [await stream.queue.get()]
             while not stream.queue.empty():
@@ -148,15 +162,20 @@ class VLMServer:
                     await asyncio.wait_for(stream.ended.wait(), self._stream_interval_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _admit_batch(self, batch: list[PreparedRequest]) -> list[_Stream]:
-        """Hands a gathered batch to the engine's loop; returns each request's stream."""
+    async def _admit_batch(self, batch: list[list[PreparedRequest]]) -> list[_Stream]:
+        """Hands a gathered batch of requests (each as its choices, in order) to the engine's loop;
+        returns each request's stream."""
         logger.info("Admitting a batch: batch_size=%d (live sequences: %d)", len(batch), self._engine.live)
         self._metrics.batch_size.observe(len(batch))
         loop = asyncio.get_running_loop()
-        streams = [_Stream() for _ in batch]
+        streams = [_Stream(len(choices)) for choices in batch]
+        rows = [choice for choices in batch for choice in choices]
+        owners = [stream for stream, choices in zip(streams, batch) for _ in choices]
 
         def deliver(entries: list[StepOutput]) -> None:
-            for stream, entry in zip(streams, entries):
+            for stream, row, entry in zip(owners, rows, entries):
+                if isinstance(entry, GenerationChunk) and row.choice:
+                    entry = replace(entry, choice=row.choice)
                 if entry is not None:  # a chunk, or this request's own error
                     stream.put(entry)
 
@@ -167,7 +186,7 @@ class VLMServer:
             for stream in streams:
                 stream.put(end)
 
-        future = self._engine.submit(batch, lambda entries: loop.call_soon_threadsafe(deliver, entries))
+        future = self._engine.submit(rows, lambda entries: loop.call_soon_threadsafe(deliver, entries))
         future.add_done_callback(lambda done: loop.call_soon_threadsafe(close, done))
         return streams
 

@@ -16,7 +16,7 @@ Two rules protect the replica and the conversation:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -49,6 +49,15 @@ class PreparedRequest:
     cancelled: bool = False
     # (group, index) of its row in an engine process (deployments/engine_process.py), once submitted.
     engine_row: tuple[int, int] | None = None
+    # Which of its request's n choices this is; choices after the first name the first as `prompt_of`,
+    # submitted in the same batch right after it: an engine may prefill their shared prompt once.
+    choice: int = 0
+    prompt_of: PreparedRequest | None = None
+
+    def choices(self, n: int) -> list[PreparedRequest]:
+        """This request as its n choices: itself, then n - 1 copies sharing its prompt."""
+        return [self, *(replace(self, choice=i, prompt_of=self, cancelled=False, engine_row=None)
+                        for i in range(1, n))]
 
     @property
     def prompt_tokens(self) -> int:
@@ -94,14 +103,16 @@ class Prompter:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.settings.system_prompt}]})
         return messages
 
-    def _apply_template(self, messages: list[dict]) -> str:
+    def _apply_template(self, messages: list[dict], tools: list[dict] | None) -> str:
+        # `tools` only when there are some: a template tells "no tools" by their absence.
+        tool_kwargs = {"tools": tools} if tools else {}
         return self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **self._template_kwargs
+            messages, add_generation_prompt=True, tokenize=False, **tool_kwargs, **self._template_kwargs
         )
 
     def render(self, request: GenerationRequest) -> str:
-        """The conversation as the model's chat template writes it, one image token per image."""
-        return self._apply_template(self._template_messages(request))
+        """The conversation (and its tools) as the model's chat template writes it, one image token per image."""
+        return self._apply_template(self._template_messages(request), request.tools)
 
     def _too_long(self, found: str) -> ContextLengthError:
         return ContextLengthError(
@@ -131,7 +142,10 @@ class Prompter:
         if chars > self.max_prompt_chars:
             raise self._too_long(f"your messages have {chars} characters, more than {limit} tokens can hold")
 
-        prompt = self._apply_template(mark_control_tokens(self._template_messages(request), self._control_tokens))
+        prompt = self._apply_template(
+            mark_control_tokens(self._template_messages(request), self._control_tokens),
+            mark_control_tokens(request.tools, self._control_tokens) if request.tools else None,
+        )
         pieces = self._placeholder.split(prompt)
         if len(pieces) - 1 != len(request.images):
             raise InvalidRequestError(

@@ -6,6 +6,7 @@ them as they are.
 
 from __future__ import annotations
 
+import json
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -72,14 +73,60 @@ class ImagePart:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made, as a template renders it back into the prompt."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI carries it
+
+
+@dataclass(frozen=True)
 class PromptMessage:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     parts: tuple[TextPart | ImagePart, ...]
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def as_template_message(self) -> dict:
-        """The shape chat templates expect: {"role", "content": [{"type": "text"|"image", ...}]}."""
+        """The shape chat templates expect: {"role", "content": [{"type": "text"|"image", ...}]}, plus
+        "tool_calls" ({"id", "type", "function": {"name", "arguments": dict or str}}) and "tool_call_id"."""
         content = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in self.parts]
-        return {"role": self.role, "content": content}
+        message: dict = {"role": self.role, "content": content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": _arguments(call)}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _arguments(call: ToolCall) -> dict | str:
+    """A call's arguments as a dict where they are a JSON object (GLM's template iterates them)."""
+    try:
+        parsed = json.loads(call.arguments)
+    except ValueError:
+        return call.arguments
+    return parsed if isinstance(parsed, dict) else call.arguments
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What constrained decoding must produce (engine/grammar compiles it; the ingress validated it).
+
+    - "json_object": any JSON object;
+    - "json_schema": JSON matching `schema` (canonical JSON text of the schema);
+    - "tool_call": one call in the model's tool-call markup to one of `tools` (canonical JSON text of
+      the OpenAI function definitions, [{"name", "description", "parameters"}, ...]), or to `tool_name`
+      only when set (tool_choice naming a function).
+    """
+
+    kind: Literal["json_object", "json_schema", "tool_call"]
+    schema: str | None = None
+    tools: str | None = None
+    tool_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +140,8 @@ class SamplingParams:
     seed: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; else how many top alternatives per token (0..20)
+    grammar: GrammarSpec | None = None  # None: unconstrained
 
     @property
     def greedy(self) -> bool:
@@ -105,17 +154,39 @@ class GenerationRequest:
     images: list[PreprocessedImage]
     sampling: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tools: list[dict] | None = None  # OpenAI function definitions, rendered by the chat template
+    n: int = 1  # choices: the engine prefills the prompt once and samples n rows from it
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability (from the logits the sampler used) and its top alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class GenerationChunk:
-    """New text of one request since its last chunk; the last chunk carries finish_reason."""
+    """New text of one choice of a request since its last chunk; each choice's last chunk carries
+    finish_reason. `logprobs`: one entry per token sampled since the choice's last chunk, when asked."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"] | None = None
     image_tokens: int = 0
+    choice: int = 0  # which of the request's n choices
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)

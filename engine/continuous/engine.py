@@ -1,18 +1,20 @@
-"""ContinuousEngine: iteration-level batching over a slot KV cache, driven by one engine thread.
+"""ContinuousEngine: iteration-level batching over a paged KV cache, driven by one engine thread.
 
 Up to `max_slots` sequences decode together over a paged KV cache; a request joins them at the
 next iteration after it arrives and leaves the iteration it finishes. The engine's thread loops:
-1. schedule: the scheduler (scheduler.py, no tensors) picks the waiting requests that fit the free
-   slots and the prefill budget, and the decode step over every live sequence;
-2. run: the runner (runner.py, the tensors and model calls) prefills the new prompts into their
-   slots and samples their first tokens, then launches the decode step (a CUDA graph replay on a
-   GPU, when enabled);
+1. schedule: the scheduler (scheduler.py, no tensors) picks the prompt chunks to prefill within the
+   budget, free slots and KV blocks, and the decode step over every live sequence;
+2. run: the runner (runner.py, the tensors and model calls) prefills the chunks into their blocks
+   and samples the first tokens of the prompts they complete, then launches the decode step (a CUDA
+   graph replay on a GPU, when enabled);
 3. postprocess: while that step runs on the device, the tokens of the previous step are read (the
    one host-device synchronisation per step) and advanced row by row (`RowState.advance`: the same
    stop / max_tokens / min_tokens / cancellation rules as the generate() engine), and each group's
    callback gets its entries; finished sequences free their slots.
 Because step N+1 is launched before step N's tokens are read, a sequence that ends at step N
-computes one extra token, which is dropped.
+computes one extra token, which is dropped. While rows with a grammar decode, whose masks need step
+N's tokens, step N+1 runs in two halves: its forward pass is launched, step N's tokens are read and
+the grammars advanced meanwhile, then the masks go in and the second half samples.
 
 Requests arrive as groups (`submit`, one group per `@serve.batch` call); a group's future completes
 when all its requests are done, or fails with the error that stopped them: a failed prefill fails
@@ -36,6 +38,7 @@ import torch
 from engine.continuous.blocks import BlockPool
 from engine.continuous.runner import ModelRunner, Pending
 from engine.continuous.scheduler import Group, Scheduler, SlotRow
+from engine.grammar.errors import GrammarError
 from engine.in_process import InProcessEngine
 from engine.loader import LoadedModel
 from engine.prompts import PreparedRequest
@@ -115,6 +118,15 @@ class ContinuousEngine(InProcessEngine):
         for request in batch:
             self.scheduler.check(request)
         group = Group.of(batch, on_step, self.detokenizer_type, self.loaded.tokenizer)
+        for row in group.rows:  # on the caller's thread: compiling a new grammar may take a while
+            if row.request.sampling.grammar is not None:
+                try:
+                    row.grammar = self.grammars.matcher(row.request.sampling.grammar)
+                except GrammarError as error:  # fails alone; the scheduler drops it as done
+                    row.fail(error)
+        errors = [row.take_error() for row in group.rows]
+        if any(error is not None for error in errors):
+            deliver(on_step, errors)
         with self._wake:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -189,11 +201,10 @@ class ContinuousEngine(InProcessEngine):
         if self._period is None:
             self._period = BusyPeriod()
         self._prefill()
-        launched = self._decode()
+        launched = self._decode_constrained() if self.scheduler.constrained else self._decode()
         # Everything before the step just launched is read now, while that step runs.
         while len(self._pending) > (1 if launched else 0):
-            rows, incarnations, pending = self._pending.popleft()
-            self._postprocess(rows, incarnations, pending.read())
+            self._postprocess(*self._pending.popleft())
         for move in self.scheduler.release_finished():
             self.runner.free(move)
         self._last_step_at = time.monotonic()
@@ -235,10 +246,31 @@ class ContinuousEngine(InProcessEngine):
         self._pending.append((batch.rows, batch.incarnations, pending))
         return True
 
-    def _postprocess(self, rows: list[SlotRow], incarnations: list[int], tokens: list[int]) -> None:
+    def _decode_constrained(self) -> bool:
+        """The decode step while grammar rows are live: a grammar row's next mask needs its last token,
+        so the step runs in two halves, and the host reads every step launched before (advancing the
+        rows' grammars) while the device runs the forward pass; then the masks go in and it samples."""
+        batch = self.scheduler.schedule_decode()
+        if batch is None or not self.runner.forward(batch):
+            return False
+        while self._pending:
+            self._postprocess(*self._pending.popleft())
+        pending = self.runner.sample(batch)
+        self.scheduler.launched(batch)
+        self.decode_steps += 1
+        self._period.launched()
+        self._pending.append((batch.rows, batch.incarnations, pending))
+        return True
+
+    def _postprocess(self, rows: list[SlotRow], incarnations: list[int], pending: Pending) -> None:
         """Stream one step's tokens: each group's callback once, then the ended rows counted off
         (a group's future completes after its last callback)."""
-        result = self.scheduler.postprocess(rows, incarnations, tokens, self.loaded.eos_token_ids)
+        tokens = pending.read()
+        entries = None
+        if pending.logprobs is not None:
+            top = [row.request.sampling.logprobs or 0 for row in rows]
+            entries = self.token_texts.entries(pending.logprobs, tokens, top)
+        result = self.scheduler.postprocess(rows, incarnations, tokens, self.loaded.eos_token_ids, entries)
         self._period.tokens += result.tokens
         for group, entries in result.outputs.items():
             deliver(group.on_step, entries)

@@ -28,10 +28,11 @@ import torch
 from engine.attention.paged_decode import decode_attention
 from engine.continuous.blocks import SCRATCH_BLOCK, blocks_for
 from engine.continuous.graphs import StepRunner
-from engine.continuous.sampling import RowParams, sample
+from engine.continuous.sampling import RowParams, choose, process
 from engine.continuous.scheduler import DecodeBatch, PrefillBatch, PrefillChunk, SlotMove, SlotRow
 from engine.continuous.slots import PagedKVCache, SlotState
 from engine.loader import LoadedModel
+from engine.logprobs import MAX_TOP, StepLogprobs, step_logprobs
 from engine.models.glm4v.decoder import Glm4vDecoder, PromptChunk, PromptInputs, unsupported_reason
 from engine.prompts import PreparedRequest
 
@@ -45,19 +46,24 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def seed_key(seed: int) -> int:
-    """The sampler's 32-bit key for a request's seed. A hash of the whole seed, so seeds that differ
-    only in their high bits still give different streams (up to the 2**-32 chance of two keys meeting)."""
+def seed_key(seed: int, choice: int = 0) -> int:
+    """The sampler's 32-bit key for a request's seed (and which of its n choices). A hash of the whole
+    seed, so seeds that differ only in their high bits still give different streams (up to the 2**-32
+    chance of two keys meeting); each choice its own stream, the first the seed's alone."""
     raw = seed.to_bytes((seed.bit_length() + 8) // 8, "little", signed=True)
+    if choice:
+        raw += b"/choice" + choice.to_bytes(4, "little")
     return int.from_bytes(hashlib.blake2b(raw, digest_size=4).digest(), "little")
 
 
 @dataclass
 class Pending:
-    """Sampled tokens on their way to the host, one per row of the step that made them."""
+    """Sampled tokens on their way to the host, one per row of the step that made them, with their
+    logprobs where the step computed them."""
 
     tokens: torch.Tensor  # on the host (pinned on CUDA), filled once `ready` has passed
     ready: Any = None  # torch.cuda.Event, None on the CPU
+    logprobs: StepLogprobs | None = None  # on the host too
 
     def read(self) -> list[int]:
         """The tokens; waits for the step that made them (on CUDA) where it has not ended yet."""
@@ -96,6 +102,7 @@ class ModelRunner:
         self._seeds = random.Random()
         # The prompt whose prefill goes on in later passes, embedded once (its images encoded once).
         self._partial: tuple[SlotRow, PromptInputs] | None = None
+        self._bitmask: torch.Tensor | None = None  # grammar bitmasks on the host, one row per slot
         if device.type == "cuda" and options.switch_interval_s is not None:
             # The engine thread relaunches the GPU every decode step. Python hands the GIL over only
             # every 5 ms by default, so while the replica's event loop streams tokens each step could
@@ -131,9 +138,9 @@ class ModelRunner:
         match the pixels); then no live slot was touched.
         """
         graphs, started = compiled_graphs(), time.monotonic()
-        chunks = batch.chunks
+        chunks = batch.computed
         if chunks[0].start == 0:
-            requests = [prompt_request(row) for row in batch.rows]
+            requests = [prompt_request(chunk.row) for chunk in chunks]
             prompts = self.decoder.embed_prompts(self.loaded.collate(requests, torch.device("cpu")), self.device)
             self._partial = None if chunks[-1].completes else (chunks[-1].row, prompts.row(len(chunks) - 1))
         else:
@@ -147,11 +154,18 @@ class ModelRunner:
         if compiled_graphs() != graphs:  # every live sequence waited for it
             logger.warning("The prefill of %d prompts x %d tokens compiled new graphs (%.1fs): a shape the warm-up "
                            "did not cover", len(chunks), width, time.monotonic() - started)
-        done = [i for i, chunk in enumerate(chunks) if chunk.completes]
+        # Each completing row's logits and rope delta: its own, or, for a copy, its leader's.
+        index = {id(chunk.row): i for i, chunk in enumerate(chunks)}
+        done = [chunk for chunk in batch.chunks if chunk.completes]
         if not done:
             return None, len(chunks) * width
-        deltas = [prompts.rope_deltas[i] for i in done]
-        return self._start([chunks[i].row for i in done], batch.first_slot, logits[done], deltas), len(chunks) * width
+        for chunk in done:
+            if chunk.copy_of is not None:
+                self.cache.copy_blocks(chunk.copy_of.blocks, chunk.row.blocks[:len(chunk.copy_of.blocks)])
+        rows = [index[id(chunk.copy_of or chunk.row)] for chunk in done]
+        deltas = [prompts.rope_deltas[i] for i in rows]
+        pending = self._start([chunk.row for chunk in done], batch.first_slot, logits[rows], deltas)
+        return pending, len(chunks) * width
 
     def _layout(self, chunks: list[PrefillChunk], width: int) -> PromptChunk:
         """Where each column of the pass writes (block, offset; the scratch block for pads), and the
@@ -176,11 +190,15 @@ class ModelRunner:
         tokens it already has."""
         count = len(rows)
         span = slice(first_slot, first_slot + count)
-        params = [row.request.sampling for row in rows]
-        keys = [seed_key(p.seed) if p.seed is not None else self._seeds.getrandbits(32) for p in params]
+        params = params_of(rows)
+        keys = [seed_key(row.request.sampling.seed, row.request.choice) if row.request.sampling.seed is not None
+                else self._seeds.getrandbits(32) for row in rows]
+        # A grammar decides where its row ends: no min_tokens or ignore_eos for those (RowState.suppresses_eos).
+        free = [row.grammar is None for row in rows]
         length, rope_delta, min_tokens, ignore_eos, seed, top_k, counter = self._to_device([
-            [len(row.prompt_ids) for row in rows], rope_deltas, [p.min_tokens for p in params],
-            [int(p.ignore_eos) for p in params], keys, [p.top_k for p in params], [len(row.output_ids) for row in rows],
+            [len(row.prompt_ids) for row in rows], rope_deltas, [p.min_tokens * f for p, f in zip(params, free)],
+            [int(p.ignore_eos and f) for p, f in zip(params, free)], keys, [p.top_k for p in params],
+            [len(row.output_ids) for row in rows],
         ], torch.long)
         temperature, top_p, penalty = self._to_device([
             [0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
@@ -194,16 +212,38 @@ class ModelRunner:
             target[span].copy_(values)
         self._write_tables(rows, first_slot)
         self._mark_prompts(rows, first_slot)
+        state.allowed[span] = -1
+        self._write_grammars([(first_slot + i, row) for i, row in enumerate(rows)])
         seen = state.seen[span]
-        first = sample(logits, RowParams(temperature, top_p, seed, counter=counter,
-                                         suppress_eos=ignore_eos | (counter < min_tokens), top_k=top_k,
-                                         penalty=penalty, seen=seen),
-                       self.decoder.eos_mask, any(not p.greedy for p in params))
+        params = RowParams(temperature, top_p, seed, counter=counter, suppress_eos=ignore_eos | (counter < min_tokens),
+                           top_k=top_k, penalty=penalty, seen=seen, allowed=state.allowed[span])
+        processed = process(logits, params, self.decoder.eos_mask)
+        first = choose(processed, params, any(not p.greedy for p in params_of(rows)))
+        found = None
+        if any(p.logprobs is not None for p in params_of(rows)):
+            found = step_logprobs(processed, first, MAX_TOP)
         state.mark_seen(seen, first, torch.ones(count, dtype=torch.bool, device=self.device))
         state.last_token[span].copy_(first)
         state.generated[span].copy_(counter + 1)
         state.active[span] = True
-        return self._to_host(first)
+        return self._to_host(first, found)
+
+    def _write_grammars(self, slots: list[tuple[int, SlotRow]]) -> None:
+        """The slots' grammar bitmasks for their next token, for those of the rows that have a grammar
+        (filled on the host by xgrammar, copied to the slot state)."""
+        constrained = [(slot, row) for slot, row in slots if row.grammar is not None and not row.done]
+        if not constrained:
+            return
+        from engine.grammar.matcher import allocate_bitmask, fill_bitmask  # xgrammar: only once a grammar comes
+
+        if self._bitmask is None:
+            self._bitmask = allocate_bitmask(self.slots, self.state.allowed.shape[1] * 32)
+            if self.device.type == "cuda":
+                self._bitmask = self._bitmask.pin_memory()
+        indices = [slot for slot, _ in constrained]
+        fill_bitmask(self._bitmask, [row.grammar for _, row in constrained], indices)
+        index = torch.tensor(indices, dtype=torch.long)
+        self.state.allowed[index.to(self.device)] = self._bitmask[index].to(self.device, non_blocking=True)
 
     def _write_tables(self, rows: list[SlotRow], first_slot: int) -> None:
         """The new slots' block tables: each row's blocks, then the scratch block."""
@@ -232,16 +272,43 @@ class ModelRunner:
     def decode(self, batch: DecodeBatch) -> Pending | None:
         """Apply the batch's slot moves and new blocks, then launch one decode step over slots
         0..batch.bucket-1 (live ones: the first len(batch.rows)); None when no row is left to step."""
+        if not self._prepare(batch):
+            return None
+        self._write_grammars(list(enumerate(batch.rows)))
+        self.steps.run((batch.bucket, batch.span, batch.sampled, batch.logprobs))
+        return self._outputs(batch)
+
+    def forward(self, batch: DecodeBatch) -> bool:
+        """As `decode`, the step's forward pass alone (False: no row is left to step); `sample` ends it.
+        Meanwhile the host may read the last step's tokens, which the next grammar masks need."""
+        if not self._prepare(batch):
+            return False
+        self.steps.run_forward(batch.bucket, batch.span)
+        return True
+
+    def sample(self, batch: DecodeBatch) -> Pending:
+        """The second half of the step `forward` began: grammar masks from the rows' matchers as they
+        are now, then sampling."""
+        self._write_grammars(list(enumerate(batch.rows)))
+        self.steps.run_sample(batch.bucket, batch.sampled, batch.logprobs)
+        return self._outputs(batch)
+
+    def _prepare(self, batch: DecodeBatch) -> bool:
+        """The batch's slot moves and new blocks into the device state; whether any row is left."""
         for move in batch.moves:
             self.free(move)
         if batch.grown:
             slots, indices, blocks = self._to_device([[g.slot for g in batch.grown], [g.index for g in batch.grown],
                                                       [g.block for g in batch.grown]], torch.long)
             self.state.block_table[slots, indices] = blocks
-        if not batch.rows:
-            return None
-        self.steps.run((batch.bucket, batch.span, batch.sampled))
-        return self._to_host(self.state.next_token[:len(batch.rows)])
+        return bool(batch.rows)
+
+    def _outputs(self, batch: DecodeBatch) -> Pending:
+        rows, state = len(batch.rows), self.state
+        found = None
+        if batch.logprobs:
+            found = StepLogprobs(state.chosen_logprob[:rows], state.top_ids[:rows], state.top_logprobs[:rows])
+        return self._to_host(state.next_token[:rows], found)
 
     def free(self, move: SlotMove) -> None:
         """Apply one of the scheduler's slot moves to the slot state (tables move; keys and values stay)."""
@@ -267,14 +334,21 @@ class ModelRunner:
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.to(self.device)
 
-    def _to_host(self, tokens: torch.Tensor) -> Pending:
+    def _to_host(self, tokens: torch.Tensor, found: StepLogprobs | None = None) -> Pending:
+        """Copies of the step's outputs on their way to the host (the state's tensors are the next
+        step's to write)."""
         if self.device.type != "cuda":
-            return Pending(tokens.clone())
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return Pending(tokens.clone(), None, found and StepLogprobs(*(t.clone() for t in vars(found).values())))
+
+        def copy(tensor: torch.Tensor) -> torch.Tensor:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            return host.copy_(tensor, non_blocking=True)
+
+        host = copy(tokens)
+        logprobs = found and StepLogprobs(*(copy(t) for t in vars(found).values()))
         ready = torch.cuda.Event()
         ready.record()
-        return Pending(host, ready)
+        return Pending(host, ready, logprobs)
 
     # ---- health and warm-up -------------------------------------------------------------------------
 
@@ -324,6 +398,10 @@ class ModelRunner:
 
     def _last(self, rows: int, width: int) -> torch.Tensor:
         return torch.full((rows,), width - 1, dtype=torch.long, device=self.device)
+
+def params_of(rows: list[SlotRow]) -> list:
+    return [row.request.sampling for row in rows]
+
 
 def prompt_request(row: SlotRow) -> PreparedRequest:
     """What `row`'s prefill runs: its request, or, resumed after a preemption, its request with the

@@ -5,9 +5,10 @@ a loop on the host, and a generator's state lives outside any CUDA graph. Here a
 sampled by one set of tensor operations whose randomness is a pure function of (row key, index
 of the token in the row's output, token id):
 
-- per row, in transformers' order: the repetition penalty over the row's seen tokens, end-of-sequence
-  suppression, then greedy (the argmax, exactly as the generate() engine), or temperature, top_k
-  and top_p;
+- per row, in transformers' order (`process`): the repetition penalty over the row's seen tokens,
+  end-of-sequence suppression, the row's grammar mask (a bitmask, all ones for rows without one);
+  then (`choose`) greedy (the argmax, exactly as the generate() engine), or temperature, top_k and
+  top_p. Logprobs are read off `process`'s logits (engine/logprobs.py says why there);
 - sampled rows draw with the exponential race: argmax(p_i / E_i), E_i ~ Exp(1) i.i.d., picks token
   i with probability p_i (the Gumbel-max trick in another form), so it needs only uniforms;
 - the uniforms come from an integer hash of (key, counter, token id), so a seeded request gives
@@ -54,6 +55,9 @@ class RowParams:
     top_k: torch.Tensor | None = None  # int64; 0 (or None for every row): off
     penalty: torch.Tensor | None = None  # float32 repetition penalty; 1 (or None for every row): off
     seen: torch.Tensor | None = None  # bool [rows, vocab]: the row's prompt and output tokens
+    # int32 [rows, ceil(vocab / 32)]: bit j of word j // 32 set where token j is allowed (xgrammar's
+    # bitmask layout; all ones for a row without a grammar); None: every token for every row.
+    allowed: torch.Tensor | None = None
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -63,16 +67,36 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) ->
     return torch.where(seen, penalized, logits)
 
 
-def sample(logits: torch.Tensor, params: RowParams, eos_mask: torch.Tensor, any_sampled: bool) -> torch.Tensor:
-    """Next token per row from `logits` [rows, vocab]. `eos_mask` [vocab] marks end-of-sequence ids.
+def unpack_bitmask(allowed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [rows, vocab] from a bitmask int32 [rows, ceil(vocab / 32)] (bit j % 32 of word j // 32)."""
+    ids = torch.arange(vocab, device=allowed.device)
+    words = allowed.index_select(1, ids >> 5)
+    return ((words >> (ids & 31)) & 1).bool()
 
-    `any_sampled=False` (every row greedy) skips the sampling work entirely; it is a Python flag so
-    a compiled or captured step has one variant for each case rather than a branch on the device.
-    """
+
+def process(logits: torch.Tensor, params: RowParams, eos_mask: torch.Tensor) -> torch.Tensor:
+    """The logits the sampler chooses from, float32: penalized, end-of-sequence suppressed where the
+    row must go on, masked to the row's grammar."""
     logits = logits.float()
     if params.penalty is not None and params.seen is not None:
         logits = penalize(logits, params.seen, params.penalty)
     logits = logits.masked_fill(params.suppress_eos[:, None] & eos_mask[None, :], float("-inf"))
+    if params.allowed is not None:
+        logits = logits.masked_fill(~unpack_bitmask(params.allowed, logits.shape[-1]), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: RowParams, eos_mask: torch.Tensor, any_sampled: bool) -> torch.Tensor:
+    """Next token per row from `logits` [rows, vocab]. `eos_mask` [vocab] marks end-of-sequence ids."""
+    return choose(process(logits, params, eos_mask), params, any_sampled)
+
+
+def choose(logits: torch.Tensor, params: RowParams, any_sampled: bool) -> torch.Tensor:
+    """Next token per row from processed `logits` (`process`).
+
+    `any_sampled=False` (every row greedy) skips the sampling work entirely; it is a Python flag so
+    a compiled or captured step has one variant for each case rather than a branch on the device.
+    """
     greedy = logits.argmax(dim=-1)
     if not any_sampled:
         return greedy

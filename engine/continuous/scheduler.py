@@ -57,6 +57,10 @@ class Group:
         group = cls(on_step, open_rows=len(batch))
         group.rows = [SlotRow(request, detokenizer(tokenizer, request.sampling.stop), group=group, index=i)
                       for i, request in enumerate(batch)]
+        by_request = {id(row.request): row for row in group.rows}
+        for row in group.rows:  # a request's later choices share its first choice's prompt
+            leader = getattr(row.request, "prompt_of", None)
+            row.leader = by_request.get(id(leader)) if leader is not None else None
         if not batch:
             group.future.set_result(None)
         return group
@@ -80,6 +84,8 @@ class SlotRow(RowState):
     # What its prefill runs: the prompt, plus the output so far for a row preempted mid-answer (the
     # prefill recomputes its cache and samples its next token from there).
     resume_ids: list[int] | None = None
+    # Another choice of the same request, whose prefill this row copies rather than runs again.
+    leader: SlotRow | None = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -89,11 +95,14 @@ class SlotRow(RowState):
 @dataclass(frozen=True)
 class PrefillChunk:
     """Prompt positions start..end-1 of `row` go into its blocks in this pass; `completes`: the last
-    chunk of its prompt, after which the row decodes."""
+    chunk of its prompt, after which the row decodes. With `copy_of` (another choice of the same
+    request, completing earlier in the same pass) the row's blocks get a copy of that row's, and
+    nothing runs for it."""
 
     row: SlotRow
     start: int
     end: int
+    copy_of: SlotRow | None = None
 
     @property
     def completes(self) -> bool:
@@ -114,6 +123,11 @@ class PrefillBatch:
         return [chunk.row for chunk in self.chunks]
 
     @property
+    def computed(self) -> list[PrefillChunk]:
+        """The chunks the pass runs through the model (not copies)."""
+        return [chunk for chunk in self.chunks if chunk.copy_of is None]
+
+    @property
     def completing(self) -> list[SlotRow]:
         return [chunk.row for chunk in self.chunks if chunk.completes]
 
@@ -127,6 +141,7 @@ class DecodeBatch:
     bucket: int  # slots the step runs over (inactive ones padded in): a captured batch size
     span: int  # cache positions attention reads
     sampled: bool  # any row samples (else the all-greedy variant of the step runs)
+    logprobs: bool = False  # any row wants logprobs (then the variant of the step that computes them runs)
     moves: list[SlotMove] = field(default_factory=list)
     grown: list[BlockGrant] = field(default_factory=list)
 
@@ -185,6 +200,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.live or self.prefilling)
 
+    @property
+    def constrained(self) -> bool:
+        """Whether a live row decodes under a grammar."""
+        return any(row.grammar is not None for row in self.live)
+
     # ---- arrivals ---------------------------------------------------------------------------------
 
     def check(self, request) -> None:
@@ -212,10 +232,16 @@ class Scheduler:
         width = 0
         while self.waiting and len(self.live) + len(chunks) < self.slots:
             row = self.waiting[0]
+            if self._copies(row, chunks):
+                if not self._grow(row, len(row.prompt_ids), self.watermark):
+                    break
+                chunks.append(PrefillChunk(self.waiting.popleft(), 0, len(row.prompt_ids), copy_of=row.leader))
+                continue
             length = len(row.prompt_ids)
-            room = self.max_prefill_tokens // (len(chunks) + 1)  # the widest chunk within the budget
+            computed = sum(1 for chunk in chunks if chunk.copy_of is None)
+            room = self.max_prefill_tokens // (computed + 1)  # the widest chunk within the budget
             end = min(length, room)
-            if chunks and (width > room or end < min(length, self.block_size)):
+            if computed and (width > room or end < min(length, self.block_size)):
                 break  # no room for it, or only for a piece too small to be worth a row
             if not self._grow(row, end, self.watermark):
                 break
@@ -227,6 +253,12 @@ class Scheduler:
                 break
         return PrefillBatch(chunks, len(self.live)) if chunks else None
 
+    @staticmethod
+    def _copies(row: SlotRow, chunks: list[PrefillChunk]) -> bool:
+        """Whether `row` can copy its leader's prefill in this pass (its leader's prompt completes in it)."""
+        return (row.leader is not None and row.resume_ids is None
+                and any(chunk.row is row.leader and chunk.completes and chunk.copy_of is None for chunk in chunks))
+
     def _continue_prefill(self, row: SlotRow) -> PrefillBatch | None:
         length = len(row.prompt_ids)
         end = min(length, row.prefilled + self.max_prefill_tokens)
@@ -234,7 +266,12 @@ class Scheduler:
             return None  # its last chunk waits for a slot to decode in
         if not self._grow(row, end, 0):
             return None  # waits for blocks the live rows give back
-        return PrefillBatch([PrefillChunk(row, row.prefilled, end)], len(self.live))
+        chunks = [PrefillChunk(row, row.prefilled, end)]
+        while (self.waiting and len(self.live) + len(chunks) < self.slots and self._copies(self.waiting[0], chunks)
+               and self._grow(self.waiting[0], len(self.waiting[0].prompt_ids), self.watermark)):
+            follower = self.waiting.popleft()
+            chunks.append(PrefillChunk(follower, 0, len(follower.prompt_ids), copy_of=row))
+        return PrefillBatch(chunks, len(self.live))
 
     def _grow(self, row: SlotRow, tokens: int, keep_free: int) -> bool:
         """Give `row` the blocks for its first `tokens` positions, leaving at least `keep_free` free."""
@@ -303,12 +340,13 @@ class Scheduler:
             row.table_len = len(row.blocks)
         live = len(self.live)
         if live == 0:
-            return DecodeBatch([], 0, 0, False, moves, grown) if moves else None
+            return DecodeBatch([], 0, 0, False, False, moves, grown) if moves else None
         bucket = next(b for b in self.buckets if b >= live)
         needed = max(row.cache_len for row in self.live) + 1
         span = min(self.max_len, max(self.min_length_bucket, 1 << (needed - 1).bit_length()))
         sampled = any(not row.request.sampling.greedy for row in self.live)
-        return DecodeBatch(list(self.live), bucket, span, sampled, moves, grown)
+        logprobs = any(row.request.sampling.logprobs is not None for row in self.live)
+        return DecodeBatch(list(self.live), bucket, span, sampled, logprobs, moves, grown)
 
     def _preempt(self, row: SlotRow) -> SlotMove:
         """Take `row` off its slot and give its blocks back; it waits at the head of the queue and its
@@ -338,17 +376,19 @@ class Scheduler:
             row.cache_len += 1
 
     def postprocess(self, rows: list[SlotRow], incarnations: list[int], tokens: list[int],
-                    eos_ids: frozenset[int]) -> StepResult:
-        """Advance each row by its token of one step (rows finished earlier skip theirs: a step
-        launched before their end was known; so do rows preempted since the step was launched)."""
+                    eos_ids: frozenset[int], logprobs: list | None = None) -> StepResult:
+        """Advance each row by its token of one step, with its logprob entry where the step has them
+        (rows finished earlier skip theirs: a step launched before their end was known; so do rows
+        preempted since the step was launched). A row whose token broke its grammar fails alone."""
         outputs: dict[Group, list[StepOutput]] = {}
         ended: list[SlotRow] = []
         advanced = 0
-        for row, incarnation, token in zip(rows, incarnations, tokens):
+        for i, (row, incarnation, token) in enumerate(zip(rows, incarnations, tokens)):
             if row.done or row.incarnation != incarnation:
                 continue
             row.output_ids.append(token)
-            chunk = row.advance(token, eos_ids)
+            chunk = row.advance(token, eos_ids, None if logprobs is None else logprobs[i])
+            chunk = row.take_error() or chunk
             advanced += 1
             if chunk is not None and not row.group.failed:
                 outputs.setdefault(row.group, [None] * len(row.group.rows))[row.index] = chunk

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.logprobs import MAX_TOP
+
 
 class PagedKVCache:
     """Keys and values per layer, [num_blocks, block_size, kv_heads, head_dim] each, in the model's dtype.
@@ -50,6 +52,16 @@ class PagedKVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def copy_blocks(self, source: list[int], target: list[int]) -> None:
+        """Every layer's keys and values of blocks `source` into blocks `target` (pairwise)."""
+        if not source:
+            return
+        device = self.keys[0].device
+        src = torch.tensor(source, dtype=torch.long).to(device, non_blocking=True)
+        dst = torch.tensor(target, dtype=torch.long).to(device, non_blocking=True)
+        for cache in (*self.keys, *self.values):
+            cache[dst] = cache[src]
+
 
 class SlotState:
     """Per-slot values on the device: what the next decode step needs, and what it updates."""
@@ -80,7 +92,14 @@ class SlotState:
         # The slot's blocks in sequence order; 0 (the scratch block) past its end and in free slots.
         self.block_table = make(torch.long, 0, width=max_blocks)
         torch._dynamo.mark_static(self.block_table)
-        self._all = [self.block_table, self.last_token, self.length, self.rope_delta, self.generated, self.active, self.min_tokens,
+        # The tokens the slot's grammar allows next, as a bitmask (sampling.py); all ones without one.
+        self.allowed = make(torch.int32, -1, width=(vocab + 31) // 32)
+        # The step's logprobs, where it computes them (engine/logprobs.py): the sampled token's, and the
+        # MAX_TOP most likely tokens with theirs.
+        self.chosen_logprob = make(torch.float32)
+        self.top_ids = make(torch.long, width=MAX_TOP)
+        self.top_logprobs = make(torch.float32, width=MAX_TOP)
+        self._all = [self.block_table, self.allowed, self.last_token, self.length, self.rope_delta, self.generated, self.active, self.min_tokens,
                      self.ignore_eos, self.temperature, self.top_p, self.top_k, self.penalty, self.seed, self.seen,
                      self.next_token]
 
@@ -92,6 +111,7 @@ class SlotState:
         self.active[slot] = False
         self.length[slot] = 0
         self.block_table[slot] = 0
+        self.allowed[slot] = -1
 
     @staticmethod
     def mark_seen(seen: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor) -> None:

@@ -3,11 +3,15 @@
 Batches run one at a time, in the order submitted, on the engine's own thread; a batch submitted
 while another runs waits for it. Each batch is collated left-padded and run by `model.generate()`
 with two hooks that make each row behave as if it ran alone:
+- `GrammarMask` (a logits processor, engine/generate/grammar.py), where a row has a grammar: masks
+  each such row's logits to what its grammar allows next;
 - `RowSampler` (a logits processor, engine/generate/sampling.py) samples every row with its own
-  parameters and hands `generate()` a one-hot choice, so greedy rows stay exactly greedy;
+  parameters and hands `generate()` a one-hot choice, so greedy rows stay exactly greedy; it keeps
+  the step's logprobs of the rows that asked for them;
 - `_RowStepper` (a stopping criterion, which `generate()` calls once per step with the new tokens)
-  advances each row (`RowState.advance`: detokenizing, stop sequences, max_tokens, cancellation) and
-  emits the new text at once, so a row that finishes leaves the batch's output immediately.
+  advances each row (`RowState.advance`: its grammar, detokenizing, stop sequences, max_tokens,
+  cancellation, logprobs) and emits the new text at once, so a row that finishes leaves the batch's
+  output immediately.
 This is the engine for models the continuous engine does not implement, and for a quantized KV cache.
 """
 
@@ -22,7 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from engine.generate.grammar import GrammarMask
 from engine.generate.sampling import RowSampler
+from engine.grammar.errors import GrammarError
 from engine.in_process import InProcessEngine
 from engine.loader import LoadedModel
 from engine.prompts import PreparedRequest
@@ -108,12 +114,15 @@ class GenerateEngine(InProcessEngine):
         if self._closed:
             raise RuntimeError("the engine was closed")
         self._last_step_at = time.monotonic()
-        tokenizer = self.loaded.tokenizer
-        rows = [RowState(request, self.detokenizer_type(tokenizer, request.sampling.stop)) for request in batch]
+        rows = [self._row(request) for request in batch]
         inputs = self.loaded.collate(batch)
         width = inputs["input_ids"].shape[1]
+        texts = self.token_texts if any(r.sampling.logprobs is not None for r in batch) else None
         sampler = RowSampler(rows, [width - r.prompt_tokens for r in batch], self.loaded.eos_token_ids,
-                             self.loaded.device)
+                             self.loaded.device, texts)
+        processors = [sampler]
+        if any(row.grammar is not None for row in rows):
+            processors.insert(0, GrammarMask(rows, self.grammars.vocab_size))
         self._rows = rows
         try:
             self.loaded.model.generate(
@@ -125,9 +134,9 @@ class GenerateEngine(InProcessEngine):
                     pad_token_id=self.loaded.pad_token_id,
                     **self._generation_extra,
                 ),
-                logits_processor=LogitsProcessorList([sampler]),
-                stopping_criteria=StoppingCriteriaList([_RowStepper(rows, self.loaded.eos_token_ids, on_step,
-                                                                    self._heartbeat)]),
+                logits_processor=LogitsProcessorList(processors),
+                stopping_criteria=StoppingCriteriaList([_RowStepper(rows, sampler, self.loaded.eos_token_ids,
+                                                                    on_step, self._heartbeat)]),
             )
         finally:
             self._rows = []
@@ -136,6 +145,16 @@ class GenerateEngine(InProcessEngine):
         if any(entry is not None for entry in finals):
             deliver(on_step, finals)
 
+    def _row(self, request: PreparedRequest) -> RowState:
+        """A row for `request`, at the start of its grammar if it has one (failed if that cannot compile)."""
+        row = RowState(request, self.detokenizer_type(self.loaded.tokenizer, request.sampling.stop))
+        if request.sampling.grammar is not None:
+            try:
+                row.grammar = self.grammars.matcher(request.sampling.grammar)
+            except GrammarError as error:
+                row.fail(error)
+        return row
+
     def _heartbeat(self) -> None:
         self._last_step_at = time.monotonic()
 
@@ -143,9 +162,10 @@ class GenerateEngine(InProcessEngine):
 class _RowStepper(StoppingCriteria):
     """Called by generate() after every step: emits each row's new text and decides who is done."""
 
-    def __init__(self, rows: list[RowState], eos_ids: frozenset[int], on_step: StepCallback,
+    def __init__(self, rows: list[RowState], sampler: RowSampler, eos_ids: frozenset[int], on_step: StepCallback,
                  heartbeat: Callable[[], None]) -> None:
         self._rows = rows
+        self._sampler = sampler  # holds the step's logprobs
         self._eos = eos_ids
         self._on_step = on_step
         self._heartbeat = heartbeat
@@ -154,9 +174,13 @@ class _RowStepper(StoppingCriteria):
         self._heartbeat()
         new_tokens = input_ids[:, -1].tolist()
         entries: list[StepOutput] = []
-        for row, token in zip(self._rows, new_tokens):
+        for row, token, logprob in zip(self._rows, new_tokens, self._sampler.logprobs):
             error = row.take_error()  # failed in this step's sampling: its token is not its own
-            entries.append(error if error is not None else None if row.done else row.advance(token, self._eos))
+            if error is not None or row.done:
+                entries.append(error)
+                continue
+            chunk = row.advance(token, self._eos, logprob)
+            entries.append(row.take_error() or chunk)  # the error: its token broke its grammar
         if any(entry is not None for entry in entries):
             deliver(self._on_step, entries)
         return torch.tensor([row.done for row in self._rows], device=input_ids.device)

@@ -6,11 +6,21 @@ keep working. Extensions beyond OpenAI are few and documented on their field.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from serve_app.settings import GREEDY_BELOW_TEMPERATURE
 
@@ -33,7 +43,7 @@ class ImageURL(_Request):
     )
 
     @model_validator(mode="after")
-    def _bounds_in_order(self) -> "ImageURL":
+    def _bounds_in_order(self) -> ImageURL:
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
         return self
@@ -66,16 +76,102 @@ class ChatCompletionUserMessage(_Request):
     name: str | None = None
 
 
+class FunctionCallParam(_Request):
+    name: str
+    arguments: str = Field(description="The call's arguments: a JSON object, as text.")
+
+    @field_validator("arguments")
+    @classmethod
+    def _a_json_object(cls, value: str) -> str:
+        # The chat template writes each argument as a key and a value, so they must be an object's.
+        if not value.strip():
+            return "{}"
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):  # a ValueError: pydantic reports those as the field's error
+            raise ValueError("arguments must be a JSON object, as text")  # noqa: TRY004
+        return value
+
+
+class ChatCompletionMessageToolCallParam(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallParam
+
+
 class ChatCompletionAssistantMessage(_Request):
     role: Literal["assistant"]
     content: str | list[ChatCompletionContentPartText] | None = None
     name: str | None = None
+    tool_calls: list[ChatCompletionMessageToolCallParam] | None = None
+
+
+class ChatCompletionToolMessage(_Request):
+    role: Literal["tool"]
+    content: str | list[ChatCompletionContentPartText]
+    tool_call_id: str
 
 
 ChatCompletionMessageParam = Annotated[
-    ChatCompletionSystemMessage | ChatCompletionUserMessage | ChatCompletionAssistantMessage,
+    ChatCompletionSystemMessage | ChatCompletionUserMessage | ChatCompletionAssistantMessage | ChatCompletionToolMessage,
     Field(discriminator="role"),
 ]
+
+
+# OpenAI's rule for function names; it also keeps them apart from the tool-call markup around them.
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema of the arguments object.")
+    strict: bool | None = Field(
+        None, description="Accepted; calls that the server enforces (tool_choice required or a named function) "
+        "always follow `parameters`.",
+    )
+
+
+class ChatCompletionTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class ChatCompletionNamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# Tagged by the JSON type, with tags that error locations leave out (errors_http.param_from_loc), so an
+# error inside a named choice is reported as `tool_choice.function.name`.
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("str")] | Annotated[ChatCompletionNamedToolChoice, Tag("dict")],
+    Discriminator(lambda value: "str" if isinstance(value, str) else "dict"),
+]
+
+
+class JSONSchema(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="A JSON Schema the answer matches.")
+    strict: bool | None = Field(None, description="Accepted; the answer always matches the schema.")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
 
 
 class StreamOptions(_Request):
@@ -102,7 +198,9 @@ class ChatCompletionRequest(_Request):
         None, ge=0.0, le=2.0, description=f"0 (or below {GREEDY_BELOW_TEMPERATURE:g}): greedy decoding."
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(
+        1, ge=1, description="Choices to generate from one prefill of the prompt, up to the server's max_n."
+    )
     stop: str | list[str] | None = Field(
         None, description=f"Up to {MAX_STOP_SEQUENCES} sequences of up to {MAX_STOP_CHARS} characters."
     )
@@ -112,6 +210,18 @@ class ChatCompletionRequest(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: decoding is constrained so that the answer parses (and "
+        "matches the schema).",
+    )
+    tools: list[ChatCompletionTool] | None = None
+    tool_choice: ToolChoice | None = Field(
+        None, description="Default: 'auto' with tools, 'none' without. 'none' leaves the tools out of the prompt; "
+        "'required' and a named function are enforced by constrained decoding.",
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; an enforced tool_choice makes one call.")
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     # Extensions (vLLM's names): force a fixed completion length so benchmarks are comparable.
     min_tokens: int = Field(0, ge=0, description="Extension: generate at least this many tokens.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
@@ -148,8 +258,37 @@ class ChatCompletionRequest(_Request):
             raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters long")
         return stops
 
+    @field_validator("tools")
+    @classmethod
+    def _names_unique(cls, tools: list[ChatCompletionTool] | None) -> list[ChatCompletionTool] | None:
+        names = [tool.function.name for tool in tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("function names must be unique within tools")
+        return tools
+
+    # Fields are validated in the order they are declared: `tools` and `logprobs` are in `info.data` here
+    # (unless they failed themselves), so these errors name the parameter that is wrong.
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_names_a_tool(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        if "tools" not in info.data or value in (None, "none", "auto"):
+            return value
+        names = [tool.function.name for tool in info.data["tools"] or []]
+        if not names:
+            raise ValueError("tool_choice requires tools")
+        if isinstance(value, ChatCompletionNamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"tool_choice names the function {value.function.name!r}, which is not in tools")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
     @model_validator(mode="after")
-    def _usage_needs_stream(self) -> "ChatCompletionRequest":
+    def _usage_needs_stream(self) -> ChatCompletionRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -161,6 +300,13 @@ class ChatCompletionRequest(_Request):
     @property
     def stop_sequences(self) -> list[str]:
         return list(self.stop or [])
+
+    @property
+    def effective_tool_choice(self) -> Literal["none", "auto", "required"] | ChatCompletionNamedToolChoice:
+        """tool_choice as OpenAI defaults it: 'auto' when there are tools, 'none' when there are none."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
 
 # ---- response --------------------------------------------------------------------------------
@@ -183,7 +329,7 @@ class CompletionUsage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, image_tokens: int) -> "CompletionUsage":
+    def of(cls, prompt_tokens: int, completion_tokens: int, image_tokens: int) -> CompletionUsage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -192,19 +338,49 @@ class CompletionUsage(BaseModel):
         )
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatCompletionTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatCompletionTokenLogprob] | None
+
+
+class Function(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ChatCompletionMessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: Function
 
 
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # Left out of the body when there are none, as OpenAI does.
+    tool_calls: list[ChatCompletionMessageToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -217,16 +393,29 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ChoiceDeltaToolCallFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChoiceDeltaToolCall(BaseModel):
+    index: int  # the call's place among the choice's calls
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChoiceDeltaToolCallFunction | None = None
+
+
 class ChoiceDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChoiceDeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChoiceDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

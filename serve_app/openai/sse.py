@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pydantic import BaseModel
 
 from serve_app.errors import APIError, unwrap
-from serve_app.openai.protocol import ChatCompletionChunk, ChoiceDelta, ChunkChoice, CompletionUsage
+from serve_app.openai.choices import PLAIN, ChoiceStream, OutputOptions, usage
+from serve_app.openai.protocol import ChatCompletionChunk, ChunkChoice
 from serve_app.stage_types import GenerationChunk
 
 DONE = "data: [DONE]\n\n"
@@ -25,29 +26,33 @@ async def chat_completion_events(
     model: str,
     include_usage: bool,
     on_done: Callable[[int], Awaitable[None]] | None = None,
+    options: OutputOptions = PLAIN,
 ) -> AsyncIterator[str]:
     """The SSE body of a streamed chat completion, given its first chunk already received.
 
-    `on_done` receives the tokens used (prompt + completion) when the stream ends, however it
+    Each of the `options.n` choices opens with its role, streams its content (and tool calls, logprobs)
+    and ends with its finish_reason; the usage chunk, when asked, follows them all.
+    `on_done` receives the tokens used (prompt + completions) when the stream ends, however it
     ends: finished, failed, or abandoned by a client that went away.
     """
     created = int(time.time())
+    choices = [ChoiceStream(index, options) for index in range(options.n)]
 
-    def chunk_event(delta: ChoiceDelta, finish_reason=None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+    def chunk_event(choice: ChunkChoice) -> str:
         return event(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice]))
 
-    last = first
+    def lasts() -> list[GenerationChunk]:
+        return [choice.last for choice in choices if choice.last is not None] or [first]
+
     try:
-        yield chunk_event(ChoiceDelta(role="assistant", content=""))
+        for choice in choices:
+            yield chunk_event(choice.opening())
         try:
             pending: GenerationChunk | None = first
             while pending is not None:
-                last = pending
-                if pending.text:
-                    yield chunk_event(ChoiceDelta(content=pending.text))
-                if pending.finish_reason is not None:
-                    yield chunk_event(ChoiceDelta(), pending.finish_reason)
+                for chunk_choice in choices[pending.choice].chunk_choices(pending):
+                    yield chunk_event(chunk_choice)
+                if all(choice.finished for choice in choices):
                     break
                 pending = await anext(chunks, None)
         except Exception as exc:  # the stream is open: report in-band, as OpenAI does, and end cleanly
@@ -56,9 +61,9 @@ async def chat_completion_events(
             yield DONE
             return
         if include_usage:
-            usage = CompletionUsage.of(last.prompt_tokens, last.completion_tokens, last.image_tokens)
-            yield event(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage))
+            yield event(ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
+                                            usage=usage(lasts())))
         yield DONE
     finally:
         if on_done is not None:
-            await on_done(last.prompt_tokens + last.completion_tokens)
+            await on_done(usage(lasts()).total_tokens)

@@ -4,6 +4,7 @@ joining and leaving mid-decode, stops, limits, cancellation, seeded sampling and
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from engine.factory import choose_engine
 from engine.generate.engine import GenerateEngine
 from engine.loader import load_model
 from serve_app.settings import ContinuousEngineSettings, ModelSettings, QuantizationSettings
+from serve_app.stage_types import GrammarSpec
 from tests.engine.test_engine import plain_generate, preprocessed, run, user_request
 
 
@@ -306,6 +308,8 @@ def test_top_k_repetition_penalty_and_seeds_as_the_generate_engine(engine, cengi
     # The whole seed counts: seeds 2**32 apart (or past 64 bits) give their own streams, each repeatable.
     seeds = [42, 42 + 2**32, 2**63 - 1, -5, 2**64 + 42]
     assert len({seed_key(s) for s in seeds}) == len(seeds)
+    # A request's n choices: each its own stream, the first the seed's alone.
+    assert seed_key(seeds[0], 0) == seed_key(seeds[0]) and len({seed_key(seeds[0], c) for c in range(8)}) == 8
     texts = [run(cengine, [ask(temperature=1.0, seed=s)])[0] for s in seeds]
     assert len(set(texts)) == len(seeds)
     assert run(cengine, [ask(temperature=1.0, seed=seeds[1])])[0] == texts[1]
@@ -437,7 +441,7 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
             for span in (256, 512):
                 for rows in (8, 4, 2, 1):
                     for sampled in (False, True):
-                        compiled.runner.steps.run((rows, span, sampled))
+                        compiled.runner.steps.run((rows, span, sampled, False))
 
         compiled.call(every_key)
         assert compiled_graphs() - before == 2
@@ -458,7 +462,7 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
         assert compiled_graphs() - before == 3
         for rows, width, start in ((4, 285, 0), (1, 285, 0), (2, 32, 0), (8, 64, 0), (1, 20, 0), (5, 300, 0),
                                    (1, 64, 32), (1, 300, 500), (1, 16, 16)):
-            compiled.call(lambda: prompts(rows, width, start))
+            compiled.call(lambda rows=rows, width=width, start=start: prompts(rows, width, start))
         assert compiled_graphs() - before == 3
     finally:
         compiled.close()
@@ -478,3 +482,74 @@ def test_a_request_cancelled_while_waiting_for_a_slot_is_dropped_at_once(engine)
         running_done.result(timeout=30)
     finally:
         one.close()
+
+
+def chunks_of(engine, prepared: list) -> list[list]:
+    """Every chunk (or error) each prepared request's row got, through one submit of `engine`."""
+    got: list[list] = [[] for _ in prepared]
+
+    def on_step(entries) -> None:
+        for i, entry in enumerate(entries):
+            if entry is not None:
+                got[i].append(entry)
+
+    engine.submit(prepared, on_step).result(timeout=120)
+    return got
+
+
+SCHEMA = GrammarSpec("json_schema", schema=json.dumps({
+    "type": "object", "properties": {"shape": {"enum": ["circle", "square"]}, "count": {"enum": [1, 2, 3]}},
+    "required": ["shape", "count"]}, sort_keys=True))
+
+
+def test_grammar_rows_follow_their_schema_and_decode_as_the_generate_engine(engine, cengine) -> None:
+    """A constrained row beside an unconstrained one: the JSON it writes parses, matches the schema, and
+    is token for token what the generate() engine writes; its neighbour is as it would be alone."""
+    image = preprocessed(engine, (224, 224), (255, 0, 0))
+    constrained = user_request(engine, "What shape is this?", image, max_tokens=40, grammar=SCHEMA)
+    free = user_request(engine, "What shape is this?", preprocessed(engine, (224, 224), (255, 0, 0)), max_tokens=12)
+    expected = run(engine, [constrained, free])
+    got = run(cengine, [constrained, free])
+    assert got == expected
+    text, reason, _ = got[0]
+    answer = json.loads(text)
+    assert reason == "stop" and answer["shape"] in ("circle", "square") and answer["count"] in (1, 2, 3)
+    assert got[1] == run(cengine, [free])[0]
+
+
+def test_a_grammar_that_cannot_compile_fails_its_row_alone(engine, cengine) -> None:
+    broken = GrammarSpec("json_schema", schema=json.dumps({"type": "object", "properties": {
+        "a": {"$ref": "#/$defs/missing"}}}))
+    good = cengine.prepare(user_request(engine, "Say hello.", None))
+    bad = replace(good, sampling=replace(good.sampling, grammar=broken))
+    got = chunks_of(cengine, [bad, good])
+    assert len(got[0]) == 1 and isinstance(got[0][0], ValueError)
+    assert got[1][-1].finish_reason is not None
+
+
+def test_logprobs_equal_the_generate_engines_from_the_same_logits(engine, cengine) -> None:
+    request = user_request(engine, "What shape is this?", preprocessed(engine, (224, 224), (0, 0, 255)), max_tokens=10,
+                           logprobs=5)
+    expected = [e for c in chunks_of(engine, [engine.prepare(request)])[0] for e in c.logprobs]
+    got = [e for c in chunks_of(cengine, [cengine.prepare(request)])[0] for e in c.logprobs]
+    assert [e.token for e in got] == [e.token for e in expected] and len(got) == 10
+    for mine, theirs in zip(got, expected):
+        assert abs(mine.logprob - theirs.logprob) < 1e-4
+        assert [t.token for t in mine.top] == [t.token for t in theirs.top] and len(mine.top) == 5
+
+
+def test_n_choices_prefill_once_and_decode_as_one_request_each(engine, cengine, monkeypatch) -> None:
+    """Greedy choices of one request all give the single request's tokens; the later ones copied the
+    first one's prefilled blocks (one prompt run through the model, not three)."""
+    request = user_request(engine, "What shape is this?", preprocessed(engine, (112, 112), (0, 255, 0)), max_tokens=9)
+    alone = chunks_of(cengine, [cengine.prepare(request)])[0]
+    passes = []
+    original = cengine.runner.decoder.prefill
+    monkeypatch.setattr(cengine.runner.decoder, "prefill",
+                        lambda prompts, chunk, last: passes.append(chunk.write_blocks.shape[0]) or original(prompts, chunk,
+                                                                                                      last))
+    choices = cengine.prepare(request).choices(3)
+    got = chunks_of(cengine, choices)
+    assert passes == [1]  # one row through the model
+    text = "".join(c.text for c in alone)
+    assert ["".join(c.text for c in row) for row in got] == [text] * 3

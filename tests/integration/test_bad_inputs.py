@@ -157,7 +157,7 @@ CASES = [
     Case("huge max_tokens", text(max_tokens=10**9), 400, param="max_tokens"),
     Case("temperature out of range", text(temperature=5), 400, param="temperature"),
     Case("top_p out of range", text(top_p=1.5), 400, param="top_p"),
-    Case("n > 1", text(n=3), 400, param="n"),
+    Case("n over the maximum", text(n=9), 400, param="n"),
     Case("five stop sequences", text(stop=["a", "b", "c", "d", "e"]), 400, param="stop"),
     Case("stream_options without stream", text(stream_options={"include_usage": True}), 400),
     Case("too many images", with_image(data_url(png_bytes()),

@@ -64,7 +64,7 @@ def test_max_completion_tokens_is_accepted() -> None:
          "messages[0].content[0].type"),
         ({"temperature": 3}, "temperature"),
         ({"max_tokens": -1}, "max_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"top_p": 0}, "top_p"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),

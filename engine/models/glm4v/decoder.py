@@ -35,8 +35,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
 from engine.attention.paged_decode import PagedDecodeAttention, gather
-from engine.continuous.sampling import RowParams, sample
+from engine.continuous.sampling import RowParams, choose, process
 from engine.continuous.slots import PagedKVCache, SlotState
+from engine.logprobs import MAX_TOP, step_logprobs
 from engine.models.glm4v import vision
 from engine.quant import int4_linear
 
@@ -158,6 +159,9 @@ class Glm4vDecoder:
         self.cache, self.state = cache, state
         self.decode_attention = decode_attention
         vocab = self.lm_head.out_features
+        # The split step's logits (`step_forward` -> `step_sample`), at a fixed address for CUDA graphs.
+        self.logits = torch.zeros((state.active.shape[0], vocab), dtype=model.dtype, device=device)
+        torch._dynamo.mark_static_address(self.logits)
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         self.eos_mask[[i for i in sorted(eos_ids) if i < vocab]] = True
         # Positions attention can read in one row: every block its table can hold (a span is a prefix).
@@ -272,23 +276,44 @@ class Glm4vDecoder:
 
     # ---- decode ----------------------------------------------------------------------------
 
-    def step(self, active: torch.Tensor, span: torch.Tensor, any_sampled: bool) -> None:
+    def step(self, active: torch.Tensor, span: torch.Tensor, any_sampled: bool, logprobs: bool = False) -> None:
         """One token for slots 0..B-1 (B = len(active)) attending over cache positions 0..L-1
-        (L = len(span)); updates the slot state in place and leaves the tokens in `next_token`.
+        (L = len(span)); updates the slot state in place and leaves the tokens in `next_token` (and,
+        with `logprobs`, their logprobs and the most likely tokens' in the state's logprob tensors).
 
         Inactive rows compute too (their slots are free or finished) but change nothing that a
         live sequence reads: their tokens, lengths and counters stay as they were.
         """
+        self._sample(active, self.forward(active.shape[0], span), any_sampled, logprobs)
+
+    def step_forward(self, active: torch.Tensor, span: torch.Tensor) -> None:
+        """The first half of `step`: the forward pass, its logits kept in `self.logits` for `step_sample`.
+        Split so that the host can prepare the sampling's inputs (grammar masks, which need the last
+        step's tokens) while the device runs the forward pass."""
+        rows = active.shape[0]
+        self.logits[:rows].copy_(self.forward(rows, span))
+
+    def step_sample(self, active: torch.Tensor, any_sampled: bool, logprobs: bool = False) -> None:
+        """The second half of `step`, from the logits `step_forward` left."""
+        self._sample(active, self.logits[:active.shape[0]], any_sampled, logprobs)
+
+    def _sample(self, active: torch.Tensor, logits: torch.Tensor, any_sampled: bool, logprobs: bool) -> None:
         rows, state = active.shape[0], self.state
         tokens = state.last_token[:rows]
-        logits = self.forward(rows, span)
         generated = state.generated[:rows]
         params = RowParams(
             temperature=state.temperature[:rows], top_p=state.top_p[:rows], seed=state.seed[:rows],
             counter=generated, suppress_eos=state.ignore_eos[:rows] | (generated < state.min_tokens[:rows]),
             top_k=state.top_k[:rows], penalty=state.penalty[:rows], seen=state.seen[:rows],
+            allowed=state.allowed[:rows],
         )
-        chosen = sample(logits, params, self.eos_mask, any_sampled)
+        processed = process(logits, params, self.eos_mask)
+        chosen = choose(processed, params, any_sampled)
+        if logprobs:
+            found = step_logprobs(processed, chosen, MAX_TOP)
+            state.chosen_logprob[:rows].copy_(found.chosen)
+            state.top_ids[:rows].copy_(found.top_ids)
+            state.top_logprobs[:rows].copy_(found.top_logprobs)
         state.mark_seen(state.seen[:rows], chosen, active)
         state.next_token[:rows].copy_(chosen)
         state.last_token[:rows].copy_(torch.where(active, chosen, tokens))

@@ -140,9 +140,9 @@ def test_admission_waits_for_blocks_and_keeps_a_watermark_free() -> None:
 
 def test_when_blocks_run_out_the_youngest_row_is_preempted_and_resumes_with_its_output() -> None:
     s = scheduler(blocks=7, block_size=4, max_prefill_tokens=100)  # 6 usable blocks, watermark 1
-    old, old_calls = group(s, Request(8, max_tokens=20))
+    group(s, Request(8, max_tokens=20))
     s.prefilled(s.schedule_prefill())  # 2 blocks
-    young, young_calls = group(s, Request(8, max_tokens=20))
+    _, young_calls = group(s, Request(8, max_tokens=20))
     s.prefilled(s.schedule_prefill())  # 2 more: 2 free
     older, younger = s.live
     tokens = iter(range(ord("A"), ord("z")))
