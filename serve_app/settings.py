@@ -198,7 +198,7 @@ class ContinuousEngineSettings(_Settings):
         return sorted(set(value))
 
     @model_validator(mode="after")
-    def _spans_whole_blocks(self) -> "ContinuousEngineSettings":
+    def _spans_whole_blocks(self) -> ContinuousEngineSettings:
         if self.min_length_bucket % self.block_size:
             raise ValueError("min_length_bucket must be a multiple of block_size")
         return self
@@ -284,7 +284,7 @@ class ModelSettings(_Settings):
         return None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ModelSettings":
+    def from_yaml(cls, path: str | Path) -> ModelSettings:
         with open(resolve_path(path), encoding="utf-8") as f:
             return cls.model_validate(yaml.safe_load(f))
 

@@ -12,11 +12,20 @@
 # top.log (the processes' CPU use, sampled every second while the benches run);
 # with STREAM_INTERVALS (below), e2e-cN-iX.json and overhead-iX.json per interval X; with SUSTAINED=K,
 # e2e-cN-sustained.json too: K x N requests at concurrency N, against the engine's closed loop of as many.
+# GUIDELLM=2,4,8 (carry .devbundle/guidellm.tar.xz, made here by tools/guidellm_bundle.sh): after those, the
+# realistic open-loop load at each Poisson rate (benchmarks/guidellm_workload.py: images 224..1024 a side,
+# 1-3 a request, 16..512 output tokens; GUIDELLM_REQUESTS a rate, default 120; GUIDELLM_ARGS for more of
+# its options), goodput next to throughput: $OUT/guidellm/ (scenario, guidellm's report, summary), guidellm.log.
 set -o pipefail
 source tools/device_env.sh || exit 1
 levels=${1:-1,8,32}
 # Fail in a second, not after the ready timeout, when the application cannot even be imported.
 python3 -c "import deployments.app, serve_app.cli.bench, openai" || exit 1
+if [ -n "${GUIDELLM:-}" ]; then  # guidellm's packages (its step, below), importable with the image's pyarrow and fsspec
+  rm -rf /tmp/guidellm && mkdir -p /tmp/guidellm && tar -xJf .devbundle/guidellm.tar.xz -C /tmp/guidellm || exit 1
+  PYTHONPATH=/tmp/guidellm:$PYTHONPATH python3 -c "import guidellm.benchmark.entrypoints, guidellm.data.deserializers, \
+guidellm.backends.openai" || exit 1
+fi
 if [ -n "${PREFILL_PROFILE:-}" ]; then  # where prefill's time goes (benchmarks/prefill_profile.py)
   python3 benchmarks/prefill_profile.py --random-glm46v-shape --dtype bfloat16 --batch-sizes "$levels" \
     --profile-batch "${levels##*,}" --json "$OUT/prefill.json" || exit 1
@@ -97,6 +106,17 @@ PY
   done
   python3 benchmarks/serving_overhead.py "$OUT/engine.json" "${reports[@]}" --json "$OUT/overhead$suffix.json"
 done
+if [ -n "${GUIDELLM:-}" ]; then
+  # guidellm's packages go first on its own path only, so its pins (click 8.4) never reach Ray. Four client
+  # processes and 5 s to start them: requests leave on their Poisson schedule (the summary's "late p95 ms").
+  # The first and last 10% of each rate's requests are left out of its figures (new shapes, the drain).
+  PYTHONPATH=/tmp/guidellm:$PYTHONPATH GUIDELLM__MAX_WORKER_PROCESSES=4 GUIDELLM__SCHEDULER_START_DELAY_NON_DISTRIBUTED=5 \
+    python3 benchmarks/guidellm_workload.py --target http://127.0.0.1:8000 --rates "$GUIDELLM" \
+    --max-requests "${GUIDELLM_REQUESTS:-120}" --warmup 0.1 --cooldown 0.1 --out "$OUT/guidellm" \
+    --guidellm "python3 -m guidellm" ${GUIDELLM_ARGS:-} > "$OUT/guidellm.log" 2>&1 \
+    || { echo "benchmarks/guidellm_workload.py failed:"; tail -30 "$OUT/guidellm.log"; }
+  sed -n '/^goodput: /,$p' "$OUT/guidellm.log"
+fi
 [ -n "${sampler:-}" ] && kill $sampler
 # A background job ignores SIGINT in a script, so `serve run` is not stopped that way: stop Ray itself.
 pkill -P $server; kill $server 2> /dev/null; python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1
