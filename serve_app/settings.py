@@ -455,6 +455,11 @@ class IngressSettings(_Settings):
         description="Most choices (`n`) one request may ask for. The engine prefills the prompt once and "
         "decodes n rows from it, so a request holds n rows of the batch (and n KV cache slots) at once.",
     )
+    max_grammar_chars: int = Field(
+        65536, ge=64,
+        description="Longest JSON schema (or set of forced tools), in characters of compact JSON, that a request "
+        "may constrain decoding with: compiling a grammar costs CPU time growing with its size.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

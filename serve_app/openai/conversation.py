@@ -127,8 +127,22 @@ def sampling_params(
         min_tokens=request.min_tokens,
         ignore_eos=request.ignore_eos,
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-        grammar=grammar(request),
+        grammar=bounded_grammar(request, limits),
     )
+
+
+def bounded_grammar(request: ChatCompletionRequest, limits: IngressSettings) -> GrammarSpec | None:
+    """`grammar(request)`, refused (400) where its schema or tools are longer than `max_grammar_chars`:
+    the model stage compiles it, in CPU time that grows with its size."""
+    spec = grammar(request)
+    text = spec and (spec.schema or spec.tools)
+    if text and len(text) > limits.max_grammar_chars:
+        raise InvalidRequestError(
+            f"The grammar this request constrains decoding with is {len(text)} characters of JSON, above this "
+            f"server's limit of {limits.max_grammar_chars}.",
+            param=grammar_param(request), code="invalid_value",
+        )
+    return spec
 
 
 def choices(request: ChatCompletionRequest, limits: IngressSettings) -> int:

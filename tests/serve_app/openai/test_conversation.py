@@ -133,3 +133,19 @@ def test_rendered_tools_and_calls_count_as_prompt_text() -> None:
     call = {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
     with_call = request(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}])
     assert text_chars(with_call) == plain + len("get_time") + len('{"zone": "UTC"}')
+
+
+def test_a_grammar_longer_than_the_limit_is_refused_before_the_model_stage() -> None:
+    from serve_app.errors import InvalidRequestError
+    from serve_app.openai.conversation import sampling_params
+    from serve_app.openai.protocol import ChatCompletionRequest
+    from serve_app.settings import IngressSettings
+
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(200)}}
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}})
+    assert sampling_params(request, IngressSettings()).grammar is not None
+    with pytest.raises(InvalidRequestError) as refused:
+        sampling_params(request, IngressSettings(max_grammar_chars=1000))
+    assert refused.value.param == "response_format.json_schema.schema" and "1000" in str(refused.value)
