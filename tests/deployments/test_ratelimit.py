@@ -39,6 +39,20 @@ def tiny_switch_interval() -> Iterator[None]:
         yield
 
 
+
+async def read_then_leave(budget, stream, n: int) -> None:
+    """Read `budget.metered(stream, n)` as a client that goes away after 50 ms, then let the settle run."""
+
+    async def respond() -> None:
+        async for _ in budget.metered(stream, n):
+            pass
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(respond)
+        await asyncio.sleep(0.05)
+        group.cancel_scope.cancel()
+    await asyncio.sleep(0.05)  # the background settle
+
 def test_the_deployment_holds_its_limit_when_called_from_many_threads(tiny_switch_interval: None) -> None:
     """Called from 32 threads at once, as Serve's thread pool runs sync methods: exactly the limit is
     admitted, and no call fails (a failure would reach the client as a 500)."""
@@ -160,15 +174,7 @@ def test_a_stream_cut_in_a_cancelled_scope_is_settled_with_what_it_used() -> Non
         budget = await gate.admit(ALICE, 3000)
         assert await remaining_tokens(handle) == 10_000 - 3000
 
-        async def respond() -> None:
-            async for _ in budget.metered(model_stream(5, then_wait=True), 1):
-                pass
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(respond)
-            await asyncio.sleep(0.05)
-            group.cancel_scope.cancel()
-        await asyncio.sleep(0.05)  # the background settle
+        await read_then_leave(budget, model_stream(5, then_wait=True), 1)
         assert await remaining_tokens(handle) == 10_000 - 25
 
     asyncio.run(scenario())
@@ -241,15 +247,7 @@ def test_a_stream_of_n_choices_cut_after_one_finished_is_settled_with_every_choi
     async def scenario() -> None:
         budget = await gate.admit(ALICE, 3000)
 
-        async def respond() -> None:
-            async for _ in budget.metered(choices_stream(THREE_CHOICES[:5], then_wait=True), 3):
-                pass
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(respond)
-            await asyncio.sleep(0.05)
-            group.cancel_scope.cancel()
-        await asyncio.sleep(0.05)  # the background settle
+        await read_then_leave(budget, choices_stream(THREE_CHOICES[:5], then_wait=True), 3)
         assert handle.calls.count("settle") == 1
         assert await remaining_tokens(handle) == 10_000 - (20 + 2 + 2 + 1)
 
