@@ -125,6 +125,10 @@ def test_n_choices_with_a_seed(client: OpenAI) -> None:
         ({"response_format": {"type": "json_schema", "json_schema": {
             "name": "broken", "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}},
          "response_format"),
+        # Longer than ingress.max_grammar_chars (64 KiB): refused before the model stage compiles it.
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "huge", "schema": {
+            "type": "object", "properties": {f"field_{i:05d}": {"type": "string"} for i in range(3000)}}}}},
+         "response_format.json_schema.schema"),
     ],
 )
 def test_bad_combinations_are_400s_naming_the_parameter(client: OpenAI, fields: dict, param: str) -> None:

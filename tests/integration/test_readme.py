@@ -53,13 +53,22 @@ def test_curl_example(server) -> None:
     assert answer["choices"][0]["finish_reason"] == "stop"
 
 
+# The README's Python runs as a user's script would: compile() would otherwise hand it this module's
+# `from __future__ import annotations`, and pydantic could then not resolve the example's Literal.
 def test_python_sdk_example(server, capsys: pytest.CaptureFixture) -> None:
     code = on_server(block("python", "from openai import OpenAI"), server.base_url)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "README.md", "exec", dont_inherit=True), {"__name__": "__main__"})
     printed = capsys.readouterr().out
     text, _, usage = printed.partition("\n")
     assert text == shown_answer("python", "from openai import OpenAI") == "It is a circle."
     assert "completion_tokens=" in usage
+
+
+def test_structured_output_example(server, capsys: pytest.CaptureFixture) -> None:
+    code = on_server(block("python", "response_format=Picture"), server.base_url)
+    exec(compile(code, "README.md", "exec", dont_inherit=True), {"__name__": "__main__"})
+    printed = capsys.readouterr().out.strip()
+    assert printed == shown_answer("python", "response_format=Picture") == "shape='square' color='blue'"
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
