@@ -48,9 +48,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-glm46v-shape", action="store_true",
                         help="a GLM-4.6V-Flash-shaped model with random weights instead of --model")
     parser.add_argument("--tiny", action="store_true", help="with --random-glm46v-shape: a small size for CPUs")
-    parser.add_argument("--weights", choices=["float", "gptq4"], default="float",
-                        help="with --random-glm46v-shape: gptq4 serves the decoder linears as a GPTQ-4 checkpoint "
-                             "(group size 128) is on this device (tinygemm)")
+    parser.add_argument("--weights", choices=["float", *GPTQ_WEIGHTS], default="float",
+                        help="with --random-glm46v-shape: gptq4/gptq8 serve the decoder linears as a GPTQ checkpoint "
+                             "of 4/8 bits (group size 128) is served on this device")
+    parser.add_argument("--gptq-backend", default="auto", choices=["auto", "tinygemm", "gemlite"],
+                        help="with --weights gptq*: our kernel to repack for (auto: tinygemm for 4 bits, gemlite for 8)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
     parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES])
     parser.add_argument("--seed", type=int, default=0)
@@ -61,7 +63,7 @@ def load_from_arguments(args: argparse.Namespace) -> LoadedModel:
     if args.random_glm46v_shape:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return random_glm46v_model(device, resolve_dtype(args.dtype, device), tiny=args.tiny, seed=args.seed,
-                                   weights=args.weights)
+                                   weights=args.weights, gptq_backend=args.gptq_backend)
     return load_model(settings_for(args.model, args.device, args.dtype))
 
 
@@ -76,9 +78,10 @@ def settings_for(model: str, device: str | None, dtype: str | None) -> ModelSett
 
 
 def random_glm46v_model(device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0,
-                        weights: str = "float") -> LoadedModel:
+                        weights: str = "float", gptq_backend: str = "auto") -> LoadedModel:
     """GLM-4.6V-Flash's shape (`glm46v_shape`) with random weights, made on `device`; with
-    `weights="gptq4"` its decoder linears are then quantized and served as a GPTQ-4 checkpoint is."""
+    `weights="gptq4"` or "gptq8" its decoder linears are then quantized and served as a GPTQ
+    checkpoint is, on `gptq_backend` (the server's setting; auto: its choice for the device)."""
     import transformers as t
 
     config, processor, generation = glm46v_shape(tiny)
@@ -86,9 +89,12 @@ def random_glm46v_model(device: torch.device, dtype: torch.dtype, tiny: bool = F
     with torch.device(device):
         model = t.Glm46VForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.generation_config = generation
-    name = "glm-4.6v-flash-random" + ("-gptq4" if weights == "gptq4" else "") + ("-tiny" if tiny else "")
-    if weights == "gptq4":
-        gptq4_weights(model, torch.bfloat16 if device.type == "cuda" else dtype)
+    name = "glm-4.6v-flash-random" + (f"-{weights}" if weights != "float" else "") + ("-tiny" if tiny else "")
+    if weights in GPTQ_WEIGHTS:
+        bits = GPTQ_WEIGHTS[weights]
+        # Our own kernels (gptqmodel's need its modules, which these layers are not): the server's choice
+        # for 4 bits, tinygemm; gemlite for 8.
+        gptq_weights(model, bits, gptq_backend if gptq_backend != "auto" else "tinygemm" if bits == 4 else "gemlite")
     settings = ModelSettings(id=name, path="(random weights)", device=str(device),
                              dtype={v: k for k, v in DTYPES.items()}[dtype], max_model_len=16384)
     return LoadedModel(settings, model, processor, device)
@@ -207,71 +213,61 @@ def _fill_vocabulary(tokenizer, size: int) -> None:
     tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
 
 
-# ---- GPTQ-4 storage, as gptqmodel writes and loads it -------------------------------------------------
+# ---- GPTQ storage, as gptqmodel writes and loads it ---------------------------------------------------
 
 
-PACK = 8  # 4-bit values per int32
+class GPTQLinear(nn.Module):
+    """A linear layer stored as gptqmodel's GPTQ (v1) buffers of `bits` bits (engine/quant/gptq_layout.py)."""
 
-
-class GPTQ4Linear(nn.Module):
-    """A linear layer stored as gptqmodel's GPTQ (v1) 4-bit buffers; forward dequantizes."""
-
-    def __init__(self, in_features: int, out_features: int, group_size: int, bias: torch.Tensor | None, device) -> None:
+    def __init__(self, in_features: int, out_features: int, group_size: int, bits: int, bias: torch.Tensor | None,
+                 device) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = math.ceil(in_features / group_size)
-        self.register_buffer("qweight", torch.empty(in_features // PACK, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.empty(groups, out_features // PACK, dtype=torch.int32, device=device))
+        self.in_features, self.out_features, self.group_size, self.bits = in_features, out_features, group_size, bits
+        per, groups = 32 // bits, math.ceil(in_features / group_size)
+        self.register_buffer("qweight", torch.empty(in_features // per, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // per, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
-        self.register_buffer(
-            "g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // group_size
-        )
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // group_size)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.register_buffer("_shifts", torch.arange(0, 32, 4, dtype=torch.int32, device=device), persistent=False)
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> GPTQ4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, bits: int = 4) -> GPTQLinear:
+        """Round-to-nearest, symmetric (zero point 2**(bits-1), gptqmodel's sym range 2*max/(2**bits-1)):
+        the same sizes and layout as GPTQ-solved values."""
         w = linear.weight  # [out, in]
         out_f, in_f = w.shape
-        q = cls(in_f, out_f, group_size, linear.bias, w.device)
-        groups = in_f // group_size
+        q = cls(in_f, out_f, group_size, bits, linear.bias, w.device)
+        groups, top, zero = in_f // group_size, 2 ** bits - 1, 2 ** (bits - 1)
         wg = w.float().reshape(out_f, groups, group_size)
-        # Symmetric 4-bit: zero point 8, scale = max|w| / 7.5 (gptqmodel's sym range is 2*max/15).
-        scale = (wg.abs().amax(-1) * 2 / 15).clamp_min(1e-6).half().float()  # [out, groups], fp16 as stored
-        ints = torch.clamp(torch.round(wg / scale[..., None]) + 8, 0, 15).to(torch.int32)  # [out, g, gs]
-        ints = ints.reshape(out_f, in_f).t().contiguous()  # [in, out]
-        q.qweight.copy_(_pack_rows(ints))
+        scale = (wg.abs().amax(-1) * 2 / top).clamp_min(1e-6).half().float()  # [out, groups], fp16 as stored
+        ints = torch.clamp(torch.round(wg / scale[..., None]) + zero, 0, top).to(torch.int32)
+        q.qweight.copy_(_pack_rows(ints.reshape(out_f, in_f).t().contiguous(), bits))
         q.scales.copy_(scale.t().to(torch.float16))
-        zeros = torch.full((groups, out_f), 8 - 1, dtype=torch.int32, device=w.device)  # v1 stores zero - 1
-        q.qzeros.copy_(_pack_rows(zeros.t().contiguous()).t().contiguous())
+        zeros = torch.full((out_f, groups), zero - 1, dtype=torch.int32, device=w.device)  # v1 stores zero - 1
+        q.qzeros.copy_(_pack_rows(zeros, bits).t().contiguous())
         return q
 
-    def dequantize(self) -> torch.Tensor:
-        ints = (self.qweight[:, None, :] >> self._shifts[None, :, None]) & 0xF  # [in/8, 8, out]
-        ints = ints.reshape(self.in_features, self.out_features)
-        zeros = (self.qzeros[:, :, None] >> self._shifts[None, None, :]) & 0xF  # [g, out/8, 8]
-        zeros = zeros.reshape(-1, self.out_features) + 1
-        g = self.g_idx.long()
-        return (self.scales[g].to(torch.bfloat16) * (ints - zeros[g]).to(torch.bfloat16))  # [in, out]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.to(torch.bfloat16) @ self.dequantize()
+        from engine.quant.gptq_layout import GptqWeights
+
+        out = x.to(torch.bfloat16) @ GptqWeights.from_module(self).dequantized(torch.bfloat16).t()
         return out + self.bias if self.bias is not None else out
 
 
-def _pack_rows(ints: torch.Tensor) -> torch.Tensor:
-    """[R, C] int32 of 4-bit values -> [R/8, C]: row 8i+k goes to bits 4k..4k+3 of row i."""
+def _pack_rows(ints: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, C] int32 of `bits`-bit values -> [R/p, C]: row p*i+k goes to bits b*k.. of row i."""
+    per = 32 // bits
     r, c = ints.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=ints.device)
-    parts = ints.reshape(r // PACK, PACK, c) << shifts[None, :, None]
-    packed = torch.zeros(r // PACK, c, dtype=torch.int32, device=ints.device)
-    for k in range(PACK):
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=ints.device)
+    parts = ints.reshape(r // per, per, c) << shifts[None, :, None]
+    packed = torch.zeros(r // per, c, dtype=torch.int32, device=ints.device)
+    for k in range(per):
         packed |= parts[:, k, :]
     return packed
 
 
-def quantize_language_model(model: nn.Module, group_size: int = 128) -> int:
+def quantize_language_model(model: nn.Module, group_size: int = 128, bits: int = 4) -> int:
     layers = model.model.language_model.layers
     count = 0
     for layer in layers:
@@ -279,7 +275,7 @@ def quantize_language_model(model: nn.Module, group_size: int = 128) -> int:
             parent = getattr(layer, parent_name)
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, GPTQ4Linear.from_linear(child, group_size))
+                    setattr(parent, name, GPTQLinear.from_linear(child, group_size, bits))
                     del child
                     count += 1
         if torch.cuda.is_available():
@@ -287,30 +283,33 @@ def quantize_language_model(model: nn.Module, group_size: int = 128) -> int:
     return count
 
 
-def gptq4_weights(model: torch.nn.Module, activations: torch.dtype, group_size: int = 128) -> None:
-    """The random model as a GPTQ-4 checkpoint (g128, symmetric) is served on this device: its decoder
-    linears rounded to gptqmodel's 4-bit layout (`GPTQ4Linear`: round-to-nearest, the same sizes as
-    GPTQ-solved values), then repacked by the server's own `repack_gptq` (engine/quant/int4_linear.py).
-    Checks, on this device, a repacked layer against the dequantized GPTQ weights, and its decode-step
-    road (tinygemm) against its prompt road (dequantize + matmul)."""
-    from engine.quant.int4_linear import Int4Linear, repack_gptq
+GPTQ_WEIGHTS = {"gptq4": 4, "gptq8": 8}
 
-    probe = GPTQ4Linear.from_linear(model.model.language_model.layers[0].self_attn.q_proj, group_size)
-    x = torch.randn(3, probe.in_features, device=probe.qweight.device, dtype=torch.float32)
-    reference = x @ probe.dequantize().float()
-    got = Int4Linear.from_gptq(probe.qweight, probe.qzeros, probe.scales, group_size, dtype=activations)(x)
-    error = ((got.float() - reference).abs().max() / reference.abs().max()).item()
-    print(f"GPTQ-4 repacked for tinygemm: relative error {error:.4f} against the dequantized weights "
-          f"({activations} activations)", flush=True)
-    if error > 0.02:
-        raise SystemExit("the repacked int4 layer does not match the GPTQ weights")
-    quantized = quantize_language_model(model, group_size)
-    print(f"GPTQ-4: {quantized} decoder linears quantized, {repack_gptq(model, activations)} repacked", flush=True)
-    # The layer's two roads on the same rows: as a decode step (tinygemm) and as a prompt (dequantized).
+
+def gptq_weights(model: torch.nn.Module, bits: int, backend: str, group_size: int = 128) -> None:
+    """The random model as a GPTQ checkpoint of `bits` bits (g128, symmetric) is served on this device:
+    its decoder linears rounded to gptqmodel's layout (`GPTQLinear`), then repacked for `backend` by
+    the server's own code (engine/quant/gptq.py `repack`). Checks, on this device, a repacked layer
+    against the dequantized GPTQ weights, at a decode step's rows and at a prompt's."""
+    from engine.quant.gptq import repack
+    from engine.quant.gptq_layout import GptqWeights
+
+    device = next(model.parameters()).device
+    quantized = quantize_language_model(model, group_size, bits)
+    probe = model.model.language_model.layers[0].self_attn.o_proj
+    weight = GptqWeights.from_module(probe).dequantized().to(device)
+    checkpoint = weight_bytes(model)
+    repacked = repack(model, backend, device)
+    print(f"GPTQ-{bits}: {quantized} decoder linears quantized, {repacked} repacked for {backend}; weights "
+          f"{weight_bytes(model) / 2**30:.2f} GiB in memory, {checkpoint / 2**30:.2f} GiB as the checkpoint holds "
+          f"them ({weight_bytes(model) / checkpoint:.3f}x)", flush=True)
     layer = model.model.language_model.layers[0].self_attn.o_proj
-    rows = torch.randn(3, 1, layer.in_features, device=x.device, dtype=activations)
-    step, prompt = layer(rows)[:, 0].float(), layer(rows.transpose(0, 1))[0].float()
-    error = ((step - prompt).abs().max() / prompt.abs().max()).item()
-    print(f"GPTQ-4 tinygemm vs dequantized road: relative difference {error:.4f}", flush=True)
-    if error > 0.02:
-        raise SystemExit("the int4 layer's two roads disagree")
+    activations = torch.bfloat16 if device.type == "cuda" else model.dtype
+    for shape in ((3, 1, layer.in_features), (1, 40, layer.in_features)):  # decode step rows; a prompt
+        x = torch.randn(*shape, device=device, dtype=activations)
+        reference = x.float() @ weight.t()
+        error = ((layer(x).float() - reference).abs().max() / reference.abs().max()).item()
+        print(f"GPTQ-{bits} on {backend}, {shape[0]}x{shape[1]} rows: relative error {error:.4f} against the "
+              f"dequantized weights", flush=True)
+        if error > 0.05:
+            raise SystemExit(f"the repacked layer does not match the GPTQ weights ({backend})")

@@ -32,7 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: benchmarks.common
 
-from benchmarks.common import GPTQ4Linear, quantize_language_model
+from benchmarks.common import GPTQLinear, quantize_language_model
+from engine.quant.gptq_layout import GptqWeights
 
 
 def build_model(device: str, tiny: bool = False):
@@ -157,7 +158,7 @@ def check_layout() -> None:
 
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=False)
-    ours = GPTQ4Linear.from_linear(lin, 128)
+    ours = GPTQLinear.from_linear(lin, 128)
     ref = TorchLinear(bits=4, group_size=128, sym=True, desc_act=False, in_features=256, out_features=96,
                       bias=False, pack_dtype=torch.int32, register_buffers=True)
     scales = ours.scales.float().t().contiguous()  # gptqmodel's pack takes [out, groups]
@@ -167,7 +168,7 @@ def check_layout() -> None:
     # gptqmodel keeps zeros in its internal v2 form (zero) and writes v1 (zero - 1) when saving.
     assert torch.equal(ref.qzeros - 0x11111111, ours.qzeros), "qzeros differs"
     assert torch.equal(ref.scales, ours.scales), "scales differ"
-    err = (ours.dequantize().float().t() - lin.weight).abs().max().item()
+    err = (GptqWeights.from_module(ours).dequantized() - lin.weight).abs().max().item()
     print(f"layout matches gptqmodel's TorchLinear.pack_original; max |dequant - w| = {err:.4f}")
 
 

@@ -22,6 +22,10 @@ Kernels ("auto"):
 - CUDA, 8 bits: `gptq_marlin` (sym, fp16/bf16, Ampere or newer); gptqmodel builds the Marlin
   extension on first use on each machine and caches it under ~/.cache/gptqmodel. `triton` is the
   choice for hosts where building it is not wanted (set `gptq_backend: triton`).
+- CUDA, 4 or 8 bits, when asked (`gptq_backend: gemlite`): gemlite's Triton kernels
+  (engine/quant/gemlite_linear.py), repacked at load with no second copy of the weights; they run
+  inside the continuous engine's captured step. Not the default: on the H200 they were slower than
+  tinygemm for one sequence and than bf16 at 32 rows (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ logger = logging.getLogger("ray.serve")
 # Our names -> gptqmodel's BACKEND values (tinygemm: load the plain layout, repack after).
 GPTQ_BACKENDS: dict[str, str] = {
     "tinygemm": "gptq_torch",
+    "gemlite": "gptq_torch",
     "torch": "gptq_torch",
     "torch_int8": "gptq_torch_int8",
     "torch_fused": "gptq_torch_fused",
@@ -105,17 +110,30 @@ def load_kwargs(
 
 def prepare_model(model: torch.nn.Module, source: str | Path, device: torch.device | str,
                   settings: QuantizationSettings | None = None) -> None:
-    """What a loaded checkpoint needs before serving: GPTQ layers repacked for tinygemm, where that is
-    the backend (in place; nothing for other checkpoints)."""
+    """What a loaded checkpoint needs before serving: GPTQ layers repacked for tinygemm or gemlite,
+    where that is the backend (in place; nothing for other checkpoints)."""
     settings = settings or QuantizationSettings()
-    if _checkpoint_backend(source, torch.device(device), settings) != "tinygemm":
-        return
-    from engine.quant.int4_linear import repack_gptq
+    repack(model, _checkpoint_backend(source, torch.device(device), settings), torch.device(device))
 
-    # tinygemm takes bf16 activations on CUDA; the CPU kernel also takes the model's float32.
-    dtype = model.dtype if torch.device(device).type == "cpu" else torch.bfloat16
-    count = repack_gptq(model, dtype)
-    logger.info("Repacked %d GPTQ layers for PyTorch's int4 matmul (tinygemm)", count)
+
+def repack(model: torch.nn.Module, backend: str | None, device: torch.device) -> int:
+    """Repack `model`'s GPTQ layers for `backend` where it is one of ours (tinygemm, gemlite); returns
+    how many were repacked (0 for gptqmodel's own backends)."""
+    if backend == "tinygemm":
+        from engine.quant.int4_linear import repack_gptq
+
+        # tinygemm takes bf16 activations on CUDA; the CPU kernel also takes the model's float32.
+        count = repack_gptq(model, model.dtype if device.type == "cpu" else torch.bfloat16)
+    elif backend == "gemlite":
+        if device.type != "cuda":
+            raise ValueError("gptq_backend 'gemlite' needs a CUDA device")
+        from engine.quant.gemlite_linear import repack_gptq
+
+        count = repack_gptq(model, torch.bfloat16 if model.dtype == torch.float32 else model.dtype, device)
+    else:
+        return 0
+    logger.info("Repacked %d GPTQ layers for %s", count, backend)
+    return count
 
 
 def generation_kwargs(settings: QuantizationSettings | None = None) -> dict[str, Any]:

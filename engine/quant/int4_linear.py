@@ -18,13 +18,8 @@ layer's weight is dequantized to the activations' dtype (one fused elementwise k
 and multiplied by cuBLAS. That keeps a second copy of the 4-bit codes, in a plain layout (tinygemm's
 is tiled and undocumented): about 8.5 bits per weight in all, against bf16's 16.
 
-Layouts read (gptqmodel's, as saved and as loaded by its `torch` kernel):
-- `qweight` int32 [in/8, out]: input row 8i+k in bits 4k..4k+3 of row i;
-- `qzeros` int32 [groups, out/8]: output column 8j+k in bits 4k..4k+3 of column j; format 1 (on
-  disk, and every module without a `qzero_format()`) stores zero - 1, format 2 stores zero;
-- `scales` [groups, out]; `g_idx` int32 [in]: the group of each input column. Only the plain
-  order (g_idx[i] == i // group_size) maps onto tinygemm's groups; `desc_act` checkpoints with
-  permuted groups keep their original module.
+The checkpoint's layout is read by engine/quant/gptq_layout.py. Only the plain group order
+(no `desc_act` permutation) maps onto tinygemm's groups; other checkpoints keep gptqmodel's module.
 """
 
 from __future__ import annotations
@@ -34,6 +29,8 @@ import logging
 import torch
 from torch import nn
 
+from engine.quant.gptq_layout import GptqWeights, is_gptq_layer, plain_group_order
+
 logger = logging.getLogger("ray.serve")
 
 BITS = 4
@@ -42,17 +39,6 @@ INNER_K_TILES = 8  # tinygemm's tiling on CUDA (gpt-fast's and torchao's choice)
 # Decode steps of up to this many rows run on tinygemm; prompts and larger steps dequantize. On the H100
 # a step of 8 rows took 7.7 ms on tinygemm (bf16: 9.0 ms) and one of 32 rows 20.6 ms.
 TINYGEMM_MAX_ROWS = 16
-
-
-def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R, C] of packed 4-bit values -> int32 [R*8, C]: row 8i+k from bits 4k..4k+3 of row i."""
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=packed.device)
-    return ((packed[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, packed.shape[1])
-
-
-def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R, C] of packed 4-bit values -> int32 [R, C*8]: column 8j+k from bits 4k..4k+3 of column j."""
-    return unpack_rows(packed.t().contiguous()).t().contiguous()
 
 
 def _tinygemm_layout(pairs: torch.Tensor) -> torch.Tensor:
@@ -84,10 +70,9 @@ class Int4Linear(nn.Module):
                   dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
         """From one GPTQ 4-bit layer's buffers (see the module docstring), for activations of `dtype`
         (bf16 on CUDA, where tinygemm takes nothing else)."""
-        codes = unpack_rows(qweight).t().contiguous()  # [out, in], 0..15
-        out_features = codes.shape[0]
-        zeros = unpack_columns(qzeros)[:, :out_features] + (1 if zero_format == 1 else 0)  # [groups, out]
-        scales = scales.to(torch.float32)
+        weights = GptqWeights.from_buffers(qweight, qzeros, scales, BITS, bias, zero_format)
+        codes, zeros = weights.codes.to(torch.int32), weights.zeros.t().to(torch.int32)  # [out, in]; [groups, out]
+        scales = weights.scales.t().to(torch.float32)
         offsets = (2 ** (BITS - 1) - zeros).to(torch.float32) * scales
         scales_and_zeros = torch.stack([scales, offsets], dim=-1).to(dtype).contiguous()
         pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # torchao's packing for tinygemm too
@@ -163,14 +148,9 @@ def convertible(module: nn.Module) -> str | None:
         return f"group size {in_features}/{groups} (tinygemm takes 32, 64, 128 or 256)"
     if in_features % (INNER_K_TILES * 16) or out_features % 8:
         return f"shape {in_features}x{out_features} (needs in % 128 == 0 and out % 8 == 0)"
-    plain = torch.arange(in_features, device=module.g_idx.device) // group_size
-    if not torch.equal(module.g_idx.long(), plain):
+    if not plain_group_order(module, group_size):
         return "permuted groups (desc_act)"
     return None
-
-
-def is_gptq_layer(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, name, None), torch.Tensor) for name in ("qweight", "qzeros", "scales", "g_idx"))
 
 
 def repack_gptq(model: nn.Module, dtype: torch.dtype) -> int:

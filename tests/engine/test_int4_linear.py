@@ -7,14 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from engine.quant.gptq_layout import unpack_columns, unpack_rows
 from engine.quant.int4_linear import (
     TINYGEMM_MAX_ROWS,
     Int4Linear,
     convertible,
     fuse,
     repack_gptq,
-    unpack_columns,
-    unpack_rows,
 )
 
 

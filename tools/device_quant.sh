@@ -1,0 +1,24 @@
+#!/bin/bash
+# Quantization on the GPU machine (issue 24), the engine alone, every variant in one call beside bf16:
+#   run(command="bash tools/device_quant.sh", carry=[".whl"])      # .whl: tools/device_env.sh's wheels + gemlite
+# Writes $OUT/{bf16-kv,gemlite4,gemlite8}.json; the figures go to benchmarks/RESULTS.md.
+# BATCHES (default 1,32) and VARIANTS (default "bf16-kv gemlite4 gemlite8") narrow it.
+set -o pipefail
+rm -rf .devbundle  # the engine alone: device_env.sh installs .whl
+source tools/device_env.sh || exit 1
+mkdir -p "$OUT"
+common=(--random-glm46v-shape --dtype bfloat16 --batch-sizes "${BATCHES:-1,32}" --new-tokens 128
+        --image-size 448x448 --engines continuous --cuda-graphs --compile --warmup-max-len 1024
+        --max-prefill-tokens 4096)
+for variant in ${VARIANTS:-bf16-kv gemlite4 gemlite8}; do
+  case $variant in
+    bf16-kv) extra=(--kv-cache none,int8) ;;
+    tinygemm4) extra=(--weights gptq4 --gptq-backend tinygemm) ;;
+    gemlite4) extra=(--weights gptq4 --gptq-backend gemlite) ;;
+    gemlite8) extra=(--weights gptq8 --gptq-backend gemlite) ;;
+    *) echo "unknown variant $variant"; exit 2 ;;
+  esac
+  echo "== $variant"
+  python3 benchmarks/engine_bench.py "${common[@]}" "${extra[@]}" --json "$OUT/$variant.json" 2>&1 \
+    | grep -v -e Warning -e warn
+done
