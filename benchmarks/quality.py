@@ -3,6 +3,7 @@
     python benchmarks/quality.py                      # demo model; makes the GPTQ variants if missing
     python benchmarks/quality.py --float checkpoints/glm4v-demo-vqa \\
         --variant gptq8=checkpoints/glm4v-demo-gptq8 --variant gptq4=checkpoints/glm4v-demo-gptq4 --n 200
+    python benchmarks/quality.py --continuous-kv --n 100   # the continuous engine's int8 KV cache
 
 Held-out set: the first `--n` samples of the synthetic VQA `test` split (demo/vqa_data.py),
 which neither training nor GPTQ calibration (its own seed stream) draws from.
@@ -17,6 +18,13 @@ Per variant, against the float model:
   meaningful for the trained demo model (the random one answers nothing right).
 Variant `kv-int8` is the float model with transformers' quantized KV cache (HQQ, 8 bits): the
 prefill is unchanged by construction, so only the generated columns tell about it.
+
+`--continuous-kv` measures instead the continuous engine's own int8 KV cache (`quantization:
+{kv_cache: int8}`: int8 codes, a scale per position and head, in its paged cache) against the same
+engine over the model-dtype cache: the held-out requests prepared as the server prepares them, all
+submitted at once, greedy; per cache its KV bytes per token, the generated-token agreement with the
+model-dtype cache's tokens, and the answer accuracy. (Teacher-forced columns would not tell: a prompt
+prefilled in one pass attends over its fresh keys and values, quantized only for later steps.)
 """
 
 from __future__ import annotations
@@ -131,6 +139,77 @@ def compare(name, model, processor, samples, reference, max_new_tokens, generati
                time.monotonic() - started)  # fmt: skip
 
 
+@dataclass
+class CacheRow:
+    kv_cache: str
+    bytes_per_token: int
+    generated_agreement: float
+    accuracy: float
+    seconds: float
+
+
+def continuous_kv(source: Path, samples, max_new_tokens: int, device: str) -> list[CacheRow]:
+    """The continuous engine over `source` (float32 on the CPU) with kv_cache none, then int8 (see the
+    module docstring); 16 rows decode at once."""
+    from benchmarks.engine_bench import run_engine
+    from demo.vqa_data import is_correct
+    from engine.continuous.engine import ContinuousEngine
+    from engine.loader import load_model
+    from engine.prompts import Prompter
+    from serve_app.settings import ContinuousEngineSettings, ModelSettings, QuantizationSettings
+    from serve_app.stage_types import GenerationRequest, ImagePart, PromptMessage, SamplingParams, TextPart
+
+    loaded = load_model(ModelSettings(id=source.name, path=str(source), device=device,
+                                      dtype="float32" if device == "cpu" else "auto", max_model_len=1024,
+                                      engine="continuous", continuous=ContinuousEngineSettings(max_slots=16)))
+    prompter = Prompter(loaded.settings, loaded.processor)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    requests = [prompter.prepare(GenerationRequest([PromptMessage("user", (ImagePart(), TextPart(s.question)))],
+                                                   [preprocessed(loaded, s.image)], params)) for s in samples]
+    rows, reference = [], None
+    for kv_cache in ("none", "int8"):
+        engine = ContinuousEngine(loaded.with_settings(quantization=QuantizationSettings(kv_cache=kv_cache)))
+        try:
+            cache = engine.runner.cache
+            per_token = cache.bytes() // (cache.num_blocks * cache.block_size)
+            started = time.monotonic()
+            run = run_engine(engine, requests)
+        finally:
+            engine.close()
+        reference = reference or run.tokens
+        same = sum(a == b for want, got in zip(reference, run.tokens) for a, b in zip(want, got))
+        accuracy = sum(is_correct(t, s.answer) for t, s in zip(run.texts, samples)) / len(samples)
+        rows.append(CacheRow(kv_cache, per_token, same / max(1, sum(map(len, reference))), accuracy,
+                             time.monotonic() - started))
+    return rows
+
+
+def preprocessed(loaded, image):
+    """`image` (PIL) through the model's image processor, as the image preprocessor sends it."""
+    from serve_app.stage_types import PreprocessedImage
+
+    processor = loaded.processor.image_processor
+    features = processor(images=[image], return_tensors="pt")
+    t, h, w = (int(v) for v in features["image_grid_thw"][0])
+    merge = getattr(processor, "merge_size", 1) ** 2
+    return PreprocessedImage(features["pixel_values"].to(loaded.model.dtype), (t, h, w), *image.size,
+                             tokens=t * h * w // merge)
+
+
+def cache_table(rows: list[CacheRow], n: int, source: str) -> str:
+    lines = [
+        (f"held-out: {n} samples of the vqa_data test split; the continuous engine over {source}, greedy; "
+         "reference: its model-dtype KV cache"),
+        "",
+        "| kv_cache | KV bytes per token | generated-token agreement | answer accuracy | seconds |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r.kv_cache} | {r.bytes_per_token} | {r.generated_agreement:.1%} | {r.accuracy:.1%} "
+                     f"| {r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
 def make_variant(source: Path, bits: int, out: Path, calibration: int) -> Path:
     backend = {8: "torch_int8", 4: "torch_fused"}[bits]
     command = [sys.executable, "-m", "serve_app.cli.quantize", "--model", str(source), "--bits", str(bits),
@@ -162,6 +241,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--calibration", type=int, default=32, help="for variants this script makes")
     parser.add_argument("--no-kv", action="store_true", help="skip the int8 KV-cache variant")
+    parser.add_argument("--continuous-kv", action="store_true",
+                        help="instead: the continuous engine with kv_cache int8 against kv_cache none")
+    parser.add_argument("--device", default="cpu", help="with --continuous-kv: where the engine runs")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="quality-"))
@@ -173,6 +255,10 @@ def main(argv=None) -> int:
         from demo.model import make_demo_model
 
         source = Path(make_demo_model(work / "glm4v-demo"))
+    if args.continuous_kv:
+        print(cache_table(continuous_kv(source, held_out(args.n), args.max_new_tokens, args.device), args.n,
+                          str(source)))
+        return 0
     variants = dict(v.split("=", 1) for v in args.variant)
     if not args.variant:
         for bits in (8, 4):

@@ -2,7 +2,8 @@
 
 `ModelSettings.engine` asks for one: 'continuous' (an error if it cannot run the model), 'generate',
 or 'auto', which takes the continuous engine wherever the model supports it (GLM-4V text decoders,
-an unquantized KV cache, and at least one KV cache slot that fits the device's free memory).
+a KV cache unquantized or int8 (its paged cache's own format; int4 is generate()'s alone), and at
+least one KV cache slot that fits the device's free memory).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ Two rules protect the replica and the conversation:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -25,7 +26,7 @@ from transformers.utils.chat_template_utils import _CONTROL_TOKEN_START, mark_co
 from engine.generation_defaults import resolve_generation_defaults
 from serve_app.errors import ContextLengthError, InvalidRequestError
 from serve_app.settings import ModelSettings
-from serve_app.stage_types import GenerationRequest, SamplingParams, TextPart
+from serve_app.stage_types import GenerationRequest, PreprocessedImage, SamplingParams, TextPart
 
 # Tokenizing a prefix of this many characters per token of budget first: ordinary text has fewer, so a
 # prompt far over its budget is refused after tokenizing about its budget's worth of text.
@@ -53,6 +54,10 @@ class PreparedRequest:
     # submitted in the same batch right after it: an engine may prefill their shared prompt once.
     choice: int = 0
     prompt_of: PreparedRequest | None = None
+    # Each image's content digest (pixels and grid: prefix_cache.content_digest), which keys its prefix-
+    # cache blocks and its encoder-cache entry; and the tenant salt of its prefix-cache keys.
+    image_hashes: tuple[str, ...] = ()
+    cache_salt: str | None = None
 
     def choices(self, n: int) -> list[PreparedRequest]:
         """This request as its n choices: itself, then n - 1 copies sharing its prompt."""
@@ -180,4 +185,16 @@ class Prompter:
             sampling=request.sampling,
             max_tokens=max_tokens,
             image_tokens=sum(image.tokens for image in request.images),
+            image_hashes=tuple(image_digest(image) for image in request.images),
+            cache_salt=request.cache_salt,
         )
+
+
+def image_digest(image: PreprocessedImage) -> str:
+    """The content digest of one preprocessed image: its pixels as the model gets them and its grid
+    (so the picture and the resolution it was processed at). sha256 over the tensor's own bytes,
+    about 20 ms for a 1024x1024 image's 25 MB, on the worker thread that prepares the request."""
+    pixels = image.pixel_values.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{pixels.dtype}|{tuple(pixels.shape)}|{tuple(image.grid_thw)}|".encode())
+    digest.update(pixels.view(torch.uint8).numpy())  # hashlib reads the buffer without a copy
+    return digest.hexdigest()

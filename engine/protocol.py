@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from serve_app.stage_types import GenerationChunk, GenerationRequest
+from serve_app.stage_types import CacheStats, GenerationChunk, GenerationRequest
 
 if TYPE_CHECKING:
     from engine.prompts import PreparedRequest, Prompter
@@ -180,6 +180,13 @@ class Engine(ABC):
     def live(self) -> int:
         """Sequences being decoded now (not those waiting for room). Read for logs and metrics."""
         raise NotImplementedError
+
+    def cache_stats(self) -> CacheStats:
+        """The prefix cache's and the encoder cache's figures so far (all zero for an engine without them).
+
+        Read at any time, from any thread, by the replica's metrics; the counts only grow.
+        """
+        return CacheStats()
 
     # ---- shutdown -------------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@
   schedule -> run -> postprocess;
 - `scheduler.Scheduler`: queues, chunked prefill, admission into slots and KV blocks, preemption,
   which rows run, finish and free bookkeeping (no torch);
-- `blocks.BlockPool`: which blocks of the paged KV cache are free (no torch);
+- `blocks.BlockPool`: which blocks of the paged KV cache are held, free or cached, by reference
+  count, with the prefix cache's index and LRU eviction (no torch);
+- `prefix_cache`: the blocks' keys, a hash chain over tokens, image content and cache_salt (no torch);
+- `encoder_cache.EncoderCache`: vision features by image content, within a byte budget (no torch);
 - `runner.ModelRunner`: the tensors and model calls: prefill chunks, decode step (whole, or in two
   halves while grammar rows decode), slot moves, grammar masks, logprobs;
 - `slots`: the paged KV cache and per-slot device state (block tables, sampling parameters);

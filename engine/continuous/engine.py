@@ -16,6 +16,10 @@ computes one extra token, which is dropped. While rows with a grammar decode, wh
 N's tokens, step N+1 runs in two halves: its forward pass is launched, step N's tokens are read and
 the grammars advanced meanwhile, then the masks go in and the second half samples.
 
+With prefix caching (`prefix_caching`), the blocks of ended sequences stay cached until their
+memory is needed, and a prompt that begins as an earlier one did prefills only the rest; vision
+features stay in an encoder cache (`encoder_cache_bytes`). `cache_stats` counts both.
+
 Requests arrive as groups (`submit`, one group per `@serve.batch` call); a group's future completes
 when all its requests are done, or fails with the error that stopped them: a failed prefill fails
 only its groups, a failed decode step every request in flight (nothing on the device can be
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 
 from engine.continuous.blocks import BlockPool
+from engine.continuous.prefix_cache import PrefixCaching
 from engine.continuous.runner import ModelRunner, Pending
 from engine.continuous.scheduler import Group, Scheduler, SlotRow
 from engine.grammar.errors import GrammarError
@@ -43,6 +48,7 @@ from engine.in_process import InProcessEngine
 from engine.loader import LoadedModel
 from engine.prompts import PreparedRequest
 from engine.protocol import StepCallback, deliver
+from serve_app.stage_types import CacheStats
 
 logger = logging.getLogger("ray.serve")
 
@@ -91,8 +97,11 @@ class ContinuousEngine(InProcessEngine):
         self.runner = ModelRunner(loaded)
         options = loaded.settings.continuous
         pool = BlockPool(self.runner.cache.num_blocks, self.runner.cache.block_size)
+        model = loaded.model
+        prefix = (PrefixCaching(model.config.image_token_id, model.model.visual.spatial_merge_size ** 2)
+                  if options.prefix_caching else None)
         self.scheduler = Scheduler(self.runner.slots, self.runner.max_len, options.max_prefill_tokens,
-                                   options.batch_buckets, options.min_length_bucket, pool)
+                                   options.batch_buckets, options.min_length_bucket, pool, prefix)
         self.decode_steps = 0  # decode steps launched so far (read by tests and benchmarks)
         self._period: BusyPeriod | None = None
         # Steps whose tokens are not read yet: their rows, each row's incarnation then, the tokens.
@@ -157,6 +166,11 @@ class ContinuousEngine(InProcessEngine):
     @property
     def live(self) -> int:
         return len(self.scheduler.live)
+
+    def cache_stats(self) -> CacheStats:
+        scheduler, encoder = self.scheduler, self.runner.encoder_cache
+        return CacheStats(scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens, encoder.queries, encoder.hits,
+                          encoder.bytes)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread between iterations and return its result (blocking)."""

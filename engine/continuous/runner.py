@@ -4,7 +4,8 @@ It owns the slot KV cache and the per-slot device state (slots.py), the decoder 
 and decodes over them (engine/models/glm4v/decoder.py) and the step runner that replays the decode
 step from CUDA graphs where enabled (graphs.py). The scheduler decides which rows run; the runner
 runs them:
-- `prefill`: new prompts into their slots (vision encoder once per image), their sampling
+- `prefill`: new prompts into their slots (vision encoder once per image, and not at all for an
+  image in the encoder cache, encoder_cache.py, or wholly inside a cached prefix), their sampling
   parameters into the slot state, and their first tokens sampled on the device;
 - `decode`: one decode step over slots 0..B-1;
 - each returns the sampled tokens as `Pending`: a copy to the host already under way, read later
@@ -16,6 +17,7 @@ runs them:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 import sys
@@ -25,15 +27,17 @@ from typing import Any
 
 import torch
 
+from engine.attention.kv_format import KV_FORMATS
 from engine.attention.paged_decode import decode_attention
 from engine.continuous.blocks import SCRATCH_BLOCK, blocks_for
+from engine.continuous.encoder_cache import EncoderCache
 from engine.continuous.graphs import StepRunner
 from engine.continuous.sampling import RowParams, choose, process
 from engine.continuous.scheduler import DecodeBatch, PrefillBatch, PrefillChunk, SlotMove, SlotRow
 from engine.continuous.slots import PagedKVCache, SlotState
 from engine.loader import LoadedModel
 from engine.logprobs import MAX_TOP, StepLogprobs, step_logprobs
-from engine.models.glm4v.decoder import Glm4vDecoder, PromptChunk, PromptInputs, unsupported_reason
+from engine.models.glm4v.decoder import Glm4vDecoder, PromptChunk, PromptInputs, unsupported_reason, upload
 from engine.prompts import PreparedRequest
 
 logger = logging.getLogger("ray.serve")
@@ -89,19 +93,22 @@ class ModelRunner:
         self.slots = options.max_slots
         self.max_len = settings.max_model_len
         block_size = options.block_size
-        num_blocks = self._blocks_that_fit(PagedKVCache.block_bytes(layers, block_size, kv_heads, head_dim, model.dtype))
-        self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, model.dtype, device)
+        kv_format = KV_FORMATS[settings.quantization.kv_cache]  # the model's dtype, or int8 (kv_format.py)
+        num_blocks = self._blocks_that_fit(PagedKVCache.block_bytes(layers, block_size, kv_heads, head_dim, model.dtype,
+                                                                    kv_format))
+        self.cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, model.dtype, device, kv_format)
         # One entry more than a max_model_len sequence needs: a span is then always a strict prefix of
         # the table, where a span of all of it is another case to torch.compile (contiguity), compiled
         # again, minutes on a GPU, the first time a sequence grows that long.
         max_blocks = blocks_for(self.max_len, block_size) + 1
         self.state = SlotState(self.slots, model.lm_head.out_features, max_blocks, device)
         self.decoder = Glm4vDecoder(model, self.cache, self.state, loaded.eos_token_ids, device,
-                                    decode_attention(options.decode_attention, device))
+                                    decode_attention(options.decode_attention, device, kv_format))
         self.steps = StepRunner(self.decoder, options, device)
         self._seeds = random.Random()
         # The prompt whose prefill goes on in later passes, embedded once (its images encoded once).
         self._partial: tuple[SlotRow, PromptInputs] | None = None
+        self.encoder_cache = EncoderCache(options.encoder_cache_bytes)  # vision features by image digest
         self._bitmask: torch.Tensor | None = None  # grammar bitmasks on the host, one row per slot
         if device.type == "cuda" and options.switch_interval_s is not None:
             # The engine thread relaunches the GPU every decode step. Python hands the GIL over only
@@ -138,34 +145,91 @@ class ModelRunner:
         match the pixels); then no live slot was touched.
         """
         graphs, started = compiled_graphs(), time.monotonic()
-        chunks = batch.computed
-        if chunks[0].start == 0:
-            requests = [prompt_request(chunk.row) for chunk in chunks]
-            prompts = self.decoder.embed_prompts(self.loaded.collate(requests, torch.device("cpu")), self.device)
-            self._partial = None if chunks[-1].completes else (chunks[-1].row, prompts.row(len(chunks) - 1))
-        else:
-            row, prompts = self._partial
-            assert row is chunks[0].row and len(chunks) == 1, "a continued prompt runs alone"
-            if chunks[0].completes:
-                self._partial = None
-        width = max(chunk.end - chunk.start for chunk in chunks)
-        last = self._to_device([[chunk.end - chunk.start - 1 for chunk in chunks]], torch.long)[0]
-        logits = self.decoder.prefill(prompts, self._layout(chunks, width), last)
+        computed = batch.computed
+        if all(chunk.begins for chunk in computed):
+            self._partial = None  # a prompt left part-way (its request went away) is not continued
+        # Each computed row's logits at its last column and its rope delta.
+        outputs: dict[int, tuple[torch.Tensor, int]] = {}
+        together = [chunk for chunk in computed if chunk.begins and chunk.start == 0]
+        tokens = self._run(together, self._embed(together), outputs) if together else 0
+        for chunk in computed:
+            if chunk.begins and chunk.start > 0:  # after a cached prefix: embedded alone, runs alone
+                tokens += self._run([chunk], self._embed([chunk]), outputs)
+            elif not chunk.begins:
+                row, prompts = self._partial
+                assert row is chunk.row and len(computed) == 1, "a continued prompt runs alone"
+                tokens += self._run([chunk], prompts, outputs)
         if compiled_graphs() != graphs:  # every live sequence waited for it
-            logger.warning("The prefill of %d prompts x %d tokens compiled new graphs (%.1fs): a shape the warm-up "
-                           "did not cover", len(chunks), width, time.monotonic() - started)
-        # Each completing row's logits and rope delta: its own, or, for a copy, its leader's.
-        index = {id(chunk.row): i for i, chunk in enumerate(chunks)}
+            logger.warning("The prefill of %d prompts (%d tokens) compiled new graphs (%.1fs): a shape the warm-up "
+                           "did not cover", len(computed), tokens, time.monotonic() - started)
         done = [chunk for chunk in batch.chunks if chunk.completes]
         if not done:
-            return None, len(chunks) * width
+            return None, tokens
         for chunk in done:
             if chunk.copy_of is not None:
                 self.cache.copy_blocks(chunk.copy_of.blocks, chunk.row.blocks[:len(chunk.copy_of.blocks)])
-        rows = [index[id(chunk.copy_of or chunk.row)] for chunk in done]
-        deltas = [prompts.rope_deltas[i] for i in rows]
-        pending = self._start([chunk.row for chunk in done], batch.first_slot, logits[rows], deltas)
-        return pending, len(chunks) * width
+        # A copy's logits and rope delta are its leader's.
+        logits, deltas = zip(*(outputs[id(chunk.copy_of or chunk.row)] for chunk in done))
+        pending = self._start([chunk.row for chunk in done], batch.first_slot, torch.stack(logits), list(deltas))
+        return pending, tokens
+
+    def _run(self, chunks: list[PrefillChunk], prompts: PromptInputs,
+             outputs: dict[int, tuple[torch.Tensor, int]]) -> int:
+        """One decoder pass over `chunks` (row j of `prompts` is chunk j's prompt): their logits and
+        rope deltas into `outputs`; the prompt that goes on in later passes kept, embedded. Returns the
+        padded tokens it ran."""
+        width = max(chunk.end - chunk.start for chunk in chunks)
+        last = self._to_device([[chunk.end - chunk.start - 1 for chunk in chunks]], torch.long)[0]
+        logits = self.decoder.prefill(prompts, self._layout(chunks, width), last)
+        for j, chunk in enumerate(chunks):
+            outputs[id(chunk.row)] = logits[j], prompts.rope_deltas[j]
+            if not chunk.completes:
+                self._partial = (chunk.row, prompts.row(j))
+            elif self._partial is not None and self._partial[0] is chunk.row:
+                self._partial = None
+        return len(chunks) * width
+
+    def _embed(self, chunks: list[PrefillChunk]) -> PromptInputs:
+        """The prompts of chunks that begin them, embedded together. An image whose placeholders all lie
+        before its chunk's start (in the blocks the prefix cache gave) is not encoded: nothing runs
+        them; the others' features come from the encoder cache, else from the vision encoder (and are
+        kept in the cache, under the image's digest and the request's cache_salt: tenants apart there too)."""
+        requests = [prompt_request(chunk.row) for chunk in chunks]
+        needed: list[bool] = []
+        keys: list[tuple[str | None, str] | None] = []
+        for chunk, request in zip(chunks, requests):
+            count = len(request.image_grid_thw)
+            spans = chunk.row.spans  # None: the row's blocks are not keyed; it begins at 0
+            needed += [True] * count if spans is None else [span.end > chunk.start for span in spans]
+            hashes = request.image_hashes
+            keys += [(request.cache_salt, h) for h in hashes] if len(hashes) == count else [None] * count
+        return self.decoder.embed_prompts(self.loaded.collate(requests, torch.device("cpu")), self.device,
+                                          lambda pixels, grid: self._image_features(pixels, grid, needed, keys))
+
+    def _image_features(self, pixels: torch.Tensor, grid: torch.Tensor, needed: list[bool],
+                        keys: list[tuple[str | None, str] | None]) -> list[torch.Tensor | None]:
+        """Image i's features (None where not `needed`): from the encoder cache under `keys[i]`, else
+        encoded, all missing ones in one pass of the vision encoder. `pixels` and `grid` are on the CPU."""
+        features: list[torch.Tensor | None] = [None] * len(needed)
+        missing = []
+        for i, (wanted, key) in enumerate(zip(needed, keys)):
+            if wanted:
+                features[i] = self.encoder_cache.get(key)
+                if features[i] is None:
+                    missing.append(i)
+        if missing:
+            patches = grid.prod(-1).tolist()  # image i's rows of `pixels` start at offsets[i]
+            offsets = [0, *itertools.accumulate(patches)]
+            if len(missing) < len(patches):
+                pixels = torch.cat([pixels[offsets[i]:offsets[i + 1]] for i in missing])
+                grid = grid[missing]
+            encoded = self.decoder.encode_images(upload(pixels, self.device), upload(grid, self.device))
+            for i, made in zip(missing, encoded):
+                features[i] = made
+                if keys[i] is not None and self.encoder_cache.budget_bytes:
+                    # A copy: the encoder's output for one image is a view of the whole pass's.
+                    self.encoder_cache.put(keys[i], made.clone())
+        return features
 
     def _layout(self, chunks: list[PrefillChunk], width: int) -> PromptChunk:
         """Where each column of the pass writes (block, offset; the scratch block for pads), and the

@@ -6,7 +6,10 @@ The engine's loop asks it, every iteration:
    waiting requests oldest first, as many as there are free slots and KV blocks above a watermark,
    the last one possibly cut short to go on in the next passes. A long prompt so takes several
    passes, each followed by a decode step of the running rows, which never pause for more than one
-   pass. Rows whose prompt completes take the slots after the live ones; `prefilled` (it ran) or
+   pass. With prefix caching (prefix_cache.py, blocks.py), a new prompt first holds the longest run
+   of cached blocks that match its leading full blocks and prefills only the rest (always its last
+   token at least, whose logits it samples from). Rows whose prompt completes take the slots after
+   the live ones; `prefilled` (it ran: the blocks it filled are registered in the cache) or
    `reject` (the model refused it) settles a pass.
 2. `schedule_decode`: the decode step over every live row: the blocks each row needs for the
    position it writes (taken oldest row first; when none are left the youngest rows are preempted
@@ -14,7 +17,8 @@ The engine's loop asks it, every iteration:
    captured size that holds them all), the cache span attention reads (a power of two above the
    longest sequence, at least `min_length_bucket`), and whether any row samples.
 3. `postprocess`: one step's sampled tokens, one per row of that step, advanced row by row
-   (`RowState.advance`: text, stops, limits, cancellation), gathered per group for the callbacks.
+   (`RowState.advance`: text, stops, limits, cancellation), gathered per group for the callbacks;
+   a decoded block, once full and its tokens known, is registered in the prefix cache too.
 4. `release_finished`: frees the slots and blocks of finished rows, moving the last live row into
    each hole so the live rows always hold slots 0..n-1 (a decode step over the first B slots covers
    them all).
@@ -30,12 +34,14 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.continuous.blocks import BlockPool, blocks_for
+from engine.continuous.prefix_cache import ImageSpan, Key, PrefixCaching, block_key, chain_keys
 from engine.detokenizer import Detokenizer
 from engine.protocol import StepCallback, StepOutput
 from engine.rows import RowState
+from serve_app.stage_types import GenerationChunk
 
 logger = logging.getLogger("ray.serve")
 
@@ -86,18 +92,42 @@ class SlotRow(RowState):
     resume_ids: list[int] | None = None
     # Another choice of the same request, whose prefill this row copies rather than runs again.
     leader: SlotRow | None = None
+    # Prefix caching: where its images lie (None: its blocks are not keyed, e.g. caching is off), the
+    # keys of its leading full blocks (of request.input_ids + output_ids, what its cache holds), how
+    # many of its leading blocks were offered to the cache, the prompt tokens this incarnation took
+    # from the cache, and those its first admission took (what its usage reports).
+    spans: list[ImageSpan] | None = None
+    keys: list[Key] = field(default_factory=list)
+    registered: int = 0
+    hit: int = 0
+    cached_tokens: int = 0
 
     @property
     def prompt_ids(self) -> list[int]:
         return self.request.input_ids if self.resume_ids is None else self.resume_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of what its cache holds: its prompt, then its output."""
+        prompt = self.request.input_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        if start >= len(prompt):
+            return self.output_ids[start - len(prompt):end - len(prompt)]
+        return [*prompt[start:], *self.output_ids[:end - len(prompt)]]
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> GenerationChunk:
+        """As RowState's, with the prompt tokens its prefill took from the prefix cache."""
+        made = super().chunk(text, finish_reason)
+        return replace(made, cached_tokens=self.cached_tokens) if self.cached_tokens else made
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
     """Prompt positions start..end-1 of `row` go into its blocks in this pass; `completes`: the last
-    chunk of its prompt, after which the row decodes. With `copy_of` (another choice of the same
-    request, completing earlier in the same pass) the row's blocks get a copy of that row's, and
-    nothing runs for it."""
+    chunk of its prompt, after which the row decodes; `begins`: its first chunk, which starts at 0 or,
+    where its first blocks came from the prefix cache, after them. With `copy_of` (another choice of
+    the same request, completing earlier in the same pass) the row's blocks get a copy of that row's,
+    and nothing runs for it."""
 
     row: SlotRow
     start: int
@@ -108,12 +138,18 @@ class PrefillChunk:
     def completes(self) -> bool:
         return self.end == len(self.row.prompt_ids)
 
+    @property
+    def begins(self) -> bool:
+        return self.start == self.row.hit
+
 
 @dataclass
 class PrefillBatch:
     """One prefill pass: chunks of prompts, those that complete their prompt first, in the order
     their rows take slots first_slot, first_slot + 1, ...; at most the last one does not complete.
-    Either every chunk starts a prompt (start 0), or the batch is one chunk continuing a prompt."""
+    Either every chunk begins a prompt, or the batch is one chunk continuing a prompt (and copies).
+    Chunks that begin at 0 run together, padded to the widest; one that begins after a cached
+    prefix runs alone, as a continued one does, attending over the blocks before it."""
 
     chunks: list[PrefillChunk]
     first_slot: int
@@ -179,7 +215,7 @@ class StepResult:
 
 class Scheduler:
     def __init__(self, slots: int, max_len: int, max_prefill_tokens: int, buckets: list[int],
-                 min_length_bucket: int, pool: BlockPool) -> None:
+                 min_length_bucket: int, pool: BlockPool, prefix: PrefixCaching | None = None) -> None:
         self.slots = slots
         self.max_len = max_len
         self.max_prefill_tokens = max_prefill_tokens
@@ -195,6 +231,10 @@ class Scheduler:
         self.live: list[SlotRow] = []  # index = slot
         self.preemptions = 0
         self._admissions = 0
+        self.prefix = prefix  # None: no prefix caching
+        # Prompt tokens admitted while prefix caching is on, and those of them taken from the cache.
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     @property
     def has_work(self) -> bool:
@@ -218,18 +258,24 @@ class Scheduler:
                              f"{self.block_size})")
 
     def add(self, group: Group) -> None:
+        """Queue the group's rows, each with its images' places in its prompt when prefix caching is on."""
+        if self.prefix is not None:
+            for row in group.rows:
+                row.spans = self.prefix.spans(row.request)
         self.waiting.extend(group.rows)
 
     def schedule_prefill(self) -> PrefillBatch | None:
         """The prompt chunks to prefill now, at most `max_prefill_tokens` (padded) in all, their
         blocks taken: the rest of a prompt part-way through, else new prompts oldest first (the
         last of them possibly cut short, to go on in the next passes), as many as there are free
-        slots and free blocks above the watermark."""
+        slots and free blocks above the watermark. A new prompt whose first blocks are cached holds
+        them and begins after them."""
         self._drop_abandoned()
         if self.prefilling is not None:
             return self._continue_prefill(self.prefilling)
         chunks: list[PrefillChunk] = []
-        width = 0
+        width = 0  # of the chunks that begin at 0, run together padded to the widest
+        together = alone = 0  # those chunks, and the tokens of the ones that run alone
         while self.waiting and len(self.live) + len(chunks) < self.slots:
             row = self.waiting[0]
             if self._copies(row, chunks):
@@ -238,16 +284,26 @@ class Scheduler:
                 chunks.append(PrefillChunk(self.waiting.popleft(), 0, len(row.prompt_ids), copy_of=row.leader))
                 continue
             length = len(row.prompt_ids)
-            computed = sum(1 for chunk in chunks if chunk.copy_of is None)
-            room = self.max_prefill_tokens // (computed + 1)  # the widest chunk within the budget
-            end = min(length, room)
-            if computed and (width > room or end < min(length, self.block_size)):
-                break  # no room for it, or only for a piece too small to be worth a row
-            if not self._grow(row, end, self.watermark):
+            hits = self._hits(row)
+            start = len(hits) * self.block_size
+            computed = together or alone
+            if start == 0:
+                room = (self.max_prefill_tokens - alone) // (together + 1)  # the widest chunk within the budget
+                end = min(length, room)
+                if computed and (width > room or end < min(length, self.block_size)):
+                    break  # no room for it, or only for a piece too small to be worth a row
+            else:
+                end = min(length, start + self.max_prefill_tokens - alone - together * width)
+                if computed and end - start < min(length - start, self.block_size):
+                    break
+            if not self._admit(row, hits, end):
                 break
             self.waiting.popleft()
-            chunks.append(PrefillChunk(row, 0, end))
-            width = max(width, end)
+            chunks.append(PrefillChunk(row, start, end))
+            if start == 0:
+                together, width = together + 1, max(width, end)
+            else:
+                alone += end - start
             if end < length:  # cut short: it goes on alone in the next passes
                 self.prefilling = row
                 break
@@ -283,9 +339,60 @@ class Scheduler:
         row.blocks += self.pool.take(wanted)
         return True
 
+    # ---- prefix caching ---------------------------------------------------------------------------
+
+    def _hits(self, row: SlotRow) -> list[int]:
+        """The cached blocks that match `row`'s leading full prompt blocks (none held yet), short of its
+        last token: a prefill computes that one at least, for the logits its first token is sampled from
+        (vLLM likewise)."""
+        if row.spans is None:
+            return []
+        usable = (len(row.prompt_ids) - 1) // self.block_size
+        if len(row.keys) < usable:
+            row.keys = chain_keys(row.prompt_ids[:usable * self.block_size], self.block_size, row.spans,
+                                  self._salt(row), row.keys)
+        return self.pool.lookup(row.keys[:usable])
+
+    def _admit(self, row: SlotRow, hits: list[int], end: int) -> bool:
+        """Hold `hits` for `row` and take fresh blocks up to position `end`, leaving the watermark free
+        (a cached block nobody holds counts as free until it is held)."""
+        wanted = blocks_for(min(end, self.max_len), self.block_size) - len(hits)
+        if self.pool.free - self.pool.cost(hits) - wanted < self.watermark:
+            return False
+        self.pool.share(hits)
+        row.blocks = [*hits, *self.pool.take(wanted)]
+        row.hit = row.prefilled = len(hits) * self.block_size
+        row.registered = len(hits)
+        if self.prefix is not None:
+            self.prefix_queried_tokens += len(row.prompt_ids)
+            self.prefix_hit_tokens += row.hit
+            if row.incarnation == 0:
+                row.cached_tokens = row.hit
+        return True
+
+    @staticmethod
+    def _salt(row: SlotRow) -> str | None:
+        return getattr(row.request, "cache_salt", None)
+
+    def _register(self, row: SlotRow, tokens: int) -> None:
+        """Offer `row`'s blocks that its first `tokens` positions fill (contents final and known) to the
+        prefix cache, under their keys."""
+        if row.spans is None:
+            return
+        full = min(tokens, len(row.blocks) * self.block_size) // self.block_size
+        for index in range(row.registered, full):
+            if index == len(row.keys):
+                start = index * self.block_size
+                row.keys.append(block_key(row.keys[-1] if row.keys else None,
+                                          row.tokens(start, start + self.block_size), start, row.spans,
+                                          self._salt(row)))
+            self.pool.register(row.blocks[index], row.keys[index])
+        row.registered = max(row.registered, full)
+
     def _drop_abandoned(self) -> None:
         """Forget rows whose client went away (or whose group failed) before they decoded."""
         if self.prefilling is not None and (self.prefilling.done or self.prefilling.request.cancelled):
+            self._release(self.prefilling)
             self.finish(self.prefilling)
             self.prefilling = None
         if not any(row.done or row.request.cancelled for row in self.waiting):
@@ -306,6 +413,9 @@ class Scheduler:
         for chunk in batch.chunks:
             row = chunk.row
             row.prefilled = row.cache_len = chunk.end
+            if chunk.copy_of is not None and row.spans is not None:  # its blocks are the leader's, copied
+                row.keys, row.registered = list(chunk.copy_of.keys), chunk.copy_of.registered
+            self._register(row, chunk.end)
             if chunk.completes:
                 if self.prefilling is row:
                     self.prefilling = None
@@ -321,7 +431,13 @@ class Scheduler:
         for row in batch.rows:
             if self.prefilling is row:
                 self.prefilling = None
+            self._release(row)
             self.finish(row)
+
+    def _release(self, row: SlotRow) -> None:
+        """Give back the blocks of a row that will not decode (nothing of it is registered past what ran)."""
+        self.pool.give_back(row.blocks)
+        row.blocks = []
 
     # ---- decoding ---------------------------------------------------------------------------------
 
@@ -353,8 +469,8 @@ class Scheduler:
         prefill later recomputes its prompt and output so far (vLLM's recompute preemption)."""
         slot = self.live.index(row)
         move = self._vacate(slot)
-        self.pool.give_back(row.blocks)
-        row.blocks, row.prefilled, row.cache_len, row.table_len = [], 0, 0, 0
+        self._release(row)  # its registered blocks stay cached: its own prefill may find them again
+        row.prefilled, row.cache_len, row.table_len = 0, 0, 0
         row.incarnation += 1
         row.resume_ids = [*row.request.input_ids, *row.output_ids]
         self.waiting.appendleft(row)
@@ -387,6 +503,8 @@ class Scheduler:
             if row.done or row.incarnation != incarnation:
                 continue
             row.output_ids.append(token)
+            # Blocks its launched steps filled with tokens known now: prompt and output so far.
+            self._register(row, min(row.cache_len, len(row.request.input_ids) + len(row.output_ids)))
             chunk = row.advance(token, eos_ids, None if logprobs is None else logprobs[i])
             chunk = row.take_error() or chunk
             advanced += 1
@@ -405,9 +523,9 @@ class Scheduler:
             if not row.done:
                 continue
             # A step launched before its end was known may still write into its last block: that step
-            # runs before anything queued after it on the device, a later prefill into the block too.
-            self.pool.give_back(row.blocks)
-            row.blocks = []
+            # runs before anything queued after it on the device, a later prefill into the block too
+            # (and the block is registered only once that write's token is known: `postprocess`).
+            self._release(row)
             moves.append(self._vacate(slot))
         return moves
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from engine.attention.kv_format import KV_FORMATS, KVFormat, LayerCache
 from engine.logprobs import MAX_TOP
 
 
 class PagedKVCache:
-    """Keys and values per layer, [num_blocks, block_size, kv_heads, head_dim] each, in the model's dtype.
-
-    Position p of a sequence is at [table[p // block_size], p % block_size] (blocks.py). Tokens,
-    then heads, as the projections lay them out: a row's block run gathered by its table is already
-    [positions, kv_heads, head_dim], which attention reads as a heads-first view without a copy.
+    """Every layer's keys and values in blocks of `block_size` positions, in a `KVFormat`
+    (engine/attention/kv_format.py: the model's dtype, or int8 codes with a scale per position and
+    head). `layers[i]` is layer i's cache, a NamedTuple of tensors that the decoder's layers take and
+    hand to `kv_format.store`/`load` and the decode attention.
 
     One tensor per layer and kind (not one big tensor) so the steps' in-place writes are on whole
     tensors: torch.compile keeps those in place, where a write into a view of a larger tensor may be
@@ -31,36 +31,38 @@ class PagedKVCache:
     """
 
     def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, kv_format: KVFormat = KV_FORMATS["none"]) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks, block_size, kv_heads, head_dim)
-        # Zeros, not empty: the rows of a step that are not live attend over the scratch block, and NaN
-        # garbage would make their (ignored) outputs NaN, which is harmless but noisy in debugging.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        for tensor in (*self.keys, *self.values):
+        self.format = kv_format
+        self.layers: list[LayerCache] = [kv_format.allocate(num_blocks, block_size, kv_heads, head_dim, dtype, device)
+                                         for _ in range(layers)]
+        for tensor in self._tensors():
             torch._dynamo.mark_static_address(tensor)
             # Static sizes too: they never change, and a compiled layer that took a size as a symbol
             # could specialise on it meeting another size (dynamo's duck sizing) and compile again.
             torch._dynamo.mark_static(tensor)
 
     @staticmethod
-    def block_bytes(layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes over every layer, keys and values."""
-        return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def block_bytes(layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    kv_format: KVFormat = KV_FORMATS["none"]) -> int:
+        """Bytes one block takes over every layer, keys and values, scales included."""
+        return layers * block_size * kv_format.token_bytes(kv_heads, head_dim, dtype)
 
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def copy_blocks(self, source: list[int], target: list[int]) -> None:
-        """Every layer's keys and values of blocks `source` into blocks `target` (pairwise)."""
+        """Every layer's keys and values (and their scales) of blocks `source` into blocks `target` (pairwise)."""
         if not source:
             return
-        device = self.keys[0].device
+        device = self.layers[0].keys.device
         src = torch.tensor(source, dtype=torch.long).to(device, non_blocking=True)
         dst = torch.tensor(target, dtype=torch.long).to(device, non_blocking=True)
-        for cache in (*self.keys, *self.values):
+        for cache in self._tensors():
             cache[dst] = cache[src]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [tensor for layer in self.layers for tensor in layer]
 
 
 class SlotState:

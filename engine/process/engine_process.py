@@ -12,7 +12,7 @@ loads the model and runs the engine `load_engine` picks, and the two talk over t
                        ("cancel", group, index), ("probe", job), ("close",)
     engine -> replica: ("ready", EngineInfo) or ("failed", traceback), then ("step", group, entries),
                        ("done", group, error or None), ("probed", job, error or None),
-                       ("beat", last_step_at, live, busy) twice a second
+                       ("beat", last_step_at, live, busy, CacheStats) twice a second
 
 Messages are pickled by hand (protocol 5). The replica's large tensors (the images' pixels) cross
 as files on tmpfs, mapped by the child (engine/process/shared_tensors.py): pickled inline, a batch of
@@ -43,6 +43,7 @@ from engine.prompts import PreparedRequest, Prompter
 from engine.protocol import Engine, StepCallback, StepOutput, deliver
 from serve_app.errors import ServiceUnavailableError
 from serve_app.settings import ModelSettings
+from serve_app.stage_types import CacheStats
 
 logger = logging.getLogger("ray.serve")
 
@@ -112,6 +113,7 @@ class EngineProcess(Engine):
         self._closing = False
         self._busy = False
         self._live = 0
+        self._cache_stats = CacheStats()
         self._last_step_at = time.monotonic()
         self._outbox.send_bytes(settings.model_dump_json().encode())
         self._info = self._wait_ready()
@@ -193,6 +195,10 @@ class EngineProcess(Engine):
     def live(self) -> int:
         return self._live
 
+    def cache_stats(self) -> CacheStats:
+        """The child's figures as of its last beat."""
+        return self._cache_stats
+
     def close(self) -> None:
         """Ask the child to stop its engine and exit; kill it if it does not within 30 s."""
         self._closing = True
@@ -242,7 +248,7 @@ class EngineProcess(Engine):
                 if probe is not None:
                     probe.set_result(None) if message[2] is None else probe.set_exception(message[2])
             elif kind == "beat":
-                last_step_at, self._live, busy = message[1:]
+                last_step_at, self._live, busy, self._cache_stats = message[1:]
                 self._last_step_at = max(self._last_step_at, last_step_at)
                 self._busy = busy or bool(self._groups)
         self._fail_everything()
@@ -298,7 +304,7 @@ def _child(from_parent: int, to_parent: int) -> int:
 
     def beat() -> None:
         while True:
-            send(("beat", engine.last_step_at, engine.live, engine.busy))
+            send(("beat", engine.last_step_at, engine.live, engine.busy, engine.cache_stats()))
             time.sleep(_BEAT_S)
 
     def finished(group: int, done: Future) -> None:

@@ -396,10 +396,14 @@ def test_auto_picks_the_continuous_engine_where_it_can(engine) -> None:
 
     assert chosen_type(engine="auto") is ContinuousEngine
     assert chosen_type(engine="generate") is GenerateEngine
-    quantized_kv = QuantizationSettings(kv_cache="int8")
-    assert chosen_type(engine="auto", quantization=quantized_kv) is GenerateEngine
-    with pytest.raises(ValueError, match="quantized KV cache"):
-        choose_engine(engine.loaded.with_settings(engine="continuous", quantization=quantized_kv))
+    # An int8 KV cache is the paged cache's own format; int4 is transformers' QuantizedCache, generate() only.
+    int8_kv = QuantizationSettings(kv_cache="int8")
+    assert chosen_type(engine="auto", quantization=int8_kv) is ContinuousEngine
+    assert chosen_type(engine="continuous", quantization=int8_kv) is ContinuousEngine
+    int4_kv = QuantizationSettings(kv_cache="int4")
+    assert chosen_type(engine="auto", quantization=int4_kv) is GenerateEngine
+    with pytest.raises(ValueError, match=r"int4 quantized KV cache is only available with generate\(\)"):
+        choose_engine(engine.loaded.with_settings(engine="continuous", quantization=int4_kv))
 
 
 def test_the_compiled_decode_step_has_no_graph_breaks_and_gives_the_same_tokens(engine, cengine) -> None:

@@ -6,7 +6,9 @@ linears included):
                                 x += post_mlp_norm(mlp(post_attention_norm(x)));
   logits = lm_head(norm(x)).
 What differs from HF's forward is only where attention finds its keys and values: in the paged
-cache (engine/continuous/slots.py), written in place, never in a `DynamicCache` copied afterwards.
+cache (engine/continuous/slots.py), written in place, never in a `DynamicCache` copied afterwards,
+in the cache's format (engine/attention/kv_format.py: the model's dtype, or int8 codes quantized as
+they are written and dequantized where they are read).
 
 Prefill: the HF vision encoder (once per image) and HF's own image-token merge and multimodal
 rotary positions (`embed_prompts`), then the layers over chunks of the prompts (`prefill`), laid
@@ -26,6 +28,7 @@ data-dependent shapes and no host reads, so it can be compiled and captured.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +37,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
-from engine.attention.paged_decode import PagedDecodeAttention, gather
+from engine.attention.kv_format import KV_FORMATS, LayerCache
+from engine.attention.paged_decode import PagedDecodeAttention
 from engine.continuous.sampling import RowParams, choose, process
 from engine.continuous.slots import PagedKVCache, SlotState
 from engine.logprobs import MAX_TOP, step_logprobs
@@ -49,8 +53,9 @@ def unsupported_reason(model, kv_cache_quantization: str = "none") -> str | None
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    if kv_cache_quantization != "none":
-        return "a quantized KV cache is only available with generate()"
+    if kv_cache_quantization not in KV_FORMATS:
+        return (f"a {kv_cache_quantization} quantized KV cache is only available with generate() (transformers' "
+                f"QuantizedCache); the paged cache takes kv_cache {' or '.join(map(repr, KV_FORMATS))}")
     language_model = getattr(getattr(model, "model", None), "language_model", None)
     if type(language_model).__name__ != "Glm4vTextModel":
         return f"its language model is {type(language_model).__name__}, not Glm4vTextModel"
@@ -103,6 +108,10 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Linear | None:
             m.bias = nn.Parameter(fused.bias[span], requires_grad=False)
         start += m.out_features
     return fused
+
+
+# Each image's features from its pixels and grid (on the CPU), or None where an image is not needed.
+ImageFeatures = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor | None]]
 
 
 @dataclass
@@ -179,7 +188,7 @@ class Glm4vDecoder:
         another order)."""
         for layer in self.layers:
             attn = layer.self_attn
-            if hasattr(attn, "qkv_proj"):  # an earlier engine over the same model fused them
+            if hasattr(attn, "qkv_proj"):  # fused already: by an earlier engine, or at load (gemlite_linear.py)
                 continue
             projections = [attn.q_proj, attn.k_proj, attn.v_proj]
             fused = int4_linear.fuse(projections)
@@ -190,9 +199,15 @@ class Glm4vDecoder:
 
     # ---- prefill ---------------------------------------------------------------------------
 
-    def embed_prompts(self, inputs: dict[str, torch.Tensor], device: torch.device) -> PromptInputs:
+    def embed_prompts(self, inputs: dict[str, torch.Tensor], device: torch.device,
+                      image_features: ImageFeatures | None = None) -> PromptInputs:
         """Left-padded prompts (engine/collate.py's layout, on the CPU) ready for `prefill`: embedded,
-        images encoded and merged in, rotary positions computed, re-laid out right-padded."""
+        images' features merged in, rotary positions computed (for the whole prompts, whatever
+        columns will run), re-laid out right-padded.
+
+        `image_features(pixel_values, image_grid_thw)` (both on the CPU) gives each image's features,
+        or None for an image no column that will run holds (its tokens keep their plain embedding);
+        by default every image is encoded."""
         position_ids, deltas = self.rope_positions(inputs)
         lengths = inputs["attention_mask"].sum(-1)
         width = inputs["input_ids"].shape[1]
@@ -204,8 +219,11 @@ class Glm4vDecoder:
         positions = upload(position_ids.gather(2, columns[None].expand(3, -1, -1)), device)
         hidden = self.embed(input_ids)
         if "pixel_values" in inputs:
-            hidden = self.merge_images(host_ids, input_ids, hidden, upload(inputs["pixel_values"], device),
-                                       inputs["image_grid_thw"])
+            if image_features is None:
+                def image_features(pixels: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+                    return self.encode_images(upload(pixels, device), upload(grid, device))
+            hidden = self.merge_images(host_ids, hidden, inputs["pixel_values"], inputs["image_grid_thw"],
+                                       image_features)
         return PromptInputs(hidden, positions, lengths.tolist(), deltas)
 
     def prefill(self, prompts: PromptInputs, chunk: PromptChunk, last: torch.Tensor) -> torch.Tensor:
@@ -218,39 +236,51 @@ class Glm4vDecoder:
         hidden = prompts.hidden[:, columns].clone()
         cos, sin = self.language_model.rotary_emb(hidden, prompts.positions[:, :, columns])
         if chunk.context_blocks is None:
-            for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
-                hidden = self._prompt_layer(layer, cache_k, cache_v, hidden, cos, sin, chunk.write_blocks,
-                                            chunk.write_offsets)
+            for layer, kv in zip(self.layers, self.cache.layers):
+                hidden = self._prompt_layer(layer, kv, hidden, cos, sin, chunk.write_blocks, chunk.write_offsets)
         else:
             # Query t (position start + t) sees every position up to its own.
             span = chunk.context_blocks.shape[1] * self.cache.block_size
             visible = (torch.arange(span, device=hidden.device)[None, :]
                        <= chunk.start + torch.arange(chunk.width, device=hidden.device)[:, None])[None, None]
-            for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
-                hidden = self._context_layer(layer, cache_k, cache_v, hidden, cos, sin, chunk.write_blocks,
-                                             chunk.write_offsets, chunk.context_blocks, visible)
+            for layer, kv in zip(self.layers, self.cache.layers):
+                hidden = self._context_layer(layer, kv, hidden, cos, sin, chunk.write_blocks, chunk.write_offsets,
+                                             chunk.context_blocks, visible)
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.lm_head(self.norm(final))
 
-    def merge_images(self, host_ids: torch.Tensor, input_ids: torch.Tensor, embeds: torch.Tensor,
-                     pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """The image features in place of the image tokens, as `Glm4vModel.forward` puts them.
+    def merge_images(self, host_ids: torch.Tensor, embeds: torch.Tensor, pixel_values: torch.Tensor,
+                     grid_thw: torch.Tensor, image_features: ImageFeatures) -> torch.Tensor:
+        """The image features in place of the image tokens, as `Glm4vModel.forward` puts them; the
+        tokens of an image without features (None) keep their embedding.
 
-        The tokens are counted against the features on the host (`host_ids`, `grid_thw` on the CPU):
-        HF's `get_placeholder_mask` compares them on the device, which waits for the vision encoder."""
+        The tokens are counted against the grids on the host (`host_ids`, `grid_thw` on the CPU), before
+        any image is encoded: HF's `get_placeholder_mask` compares them on the device, which waits for
+        the vision encoder. Image i's tokens are the next prod(grid_i) / merge^2 image tokens in row-major
+        order (rows in batch order, images in prompt order), as the features are concatenated."""
         image_token = self.model.config.image_token_id
         merge = self.model.model.visual.spatial_merge_size ** 2
-        tokens, expected = int((host_ids == image_token).sum()), int(grid_thw.prod(-1).sum()) // merge
+        mask = host_ids == image_token
+        counts = grid_thw.prod(-1) // merge
+        tokens, expected = int(mask.sum()), int(counts.sum())
         if tokens != expected:
             raise ValueError(f"Image features and image tokens do not match, tokens: {tokens}, features: {expected}")
-        features = self.encode_images(pixel_values, upload(grid_thw, pixel_values.device)).to(embeds.dtype)
-        image_mask = (input_ids == image_token)[..., None].expand_as(embeds)
-        return embeds.masked_scatter(image_mask, features)
+        features = image_features(pixel_values, grid_thw)
+        kept = torch.tensor([f is not None for f in features], dtype=torch.bool)
+        if not kept.any():
+            return embeds
+        if not kept.all():  # only the tokens of the images that have features
+            flat = mask.flatten()
+            places = flat.nonzero()[:, 0]
+            flat[places[~kept.repeat_interleave(counts)]] = False
+            mask = flat.view_as(mask)
+        merged = torch.cat([f for f in features if f is not None]).to(embeds.dtype)
+        return embeds.masked_scatter(upload(mask, embeds.device)[..., None].expand_as(embeds), merged)
 
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """The vision encoder's features of every image, concatenated [image tokens, hidden]."""
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """The vision encoder's features of each image [its image tokens, hidden], one pass for all."""
         features = self.model.model.get_image_features(pixel_values.to(self.model.dtype), grid_thw).pooler_output
-        return torch.cat(features, dim=0)
+        return list(features)
 
     def warm_vision(self, device: torch.device) -> None:
         """Encode `vision.warm_up_images`: compiles the vision blocks (when compiled) and makes the
@@ -336,9 +366,8 @@ class Glm4vDecoder:
         index = (length // block_size).clamp(max=table.shape[1] - 1)
         write_blocks = torch.where(active, table.gather(1, index[:, None])[:, 0], 0)
         write_offsets = length % block_size
-        for layer, cache_k, cache_v in zip(self.layers, self.cache.keys, self.cache.values):
-            hidden = self._layer(layer, cache_k, cache_v, hidden, cos, sin, write_blocks, write_offsets, table, length,
-                                 span)
+        for layer, kv in zip(self.layers, self.cache.layers):
+            hidden = self._layer(layer, kv, hidden, cos, sin, write_blocks, write_offsets, table, length, span)
         return self.lm_head(self.norm(hidden))[:, 0]
 
     def compile_forward(self, mode: str) -> None:
@@ -367,32 +396,31 @@ class Glm4vDecoder:
         sin = (freqs.sin() * self.rope_scale).repeat_interleave(2, dim=-1)
         return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
 
-    def layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor, table: torch.Tensor,
-              lengths: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    def layer(self, layer, kv: LayerCache, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              write_blocks: torch.Tensor, write_offsets: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
+              span: torch.Tensor) -> torch.Tensor:
         """Glm4vTextDecoderLayer.forward for one token per row, attention over positions 0..length of
         each row's blocks (`table` [rows, max_blocks]), at most len(span) of them. (The whole table:
         a slice passed in would be one more dynamic size, which dynamo's duck sizing equates with any
         other of the same value, recompiling when they differ.)"""
-        attended = self.attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
-                                  write_blocks, write_offsets, table, lengths, span.shape[0])
+        attended = self.attention(layer.self_attn, kv, layer.input_layernorm(hidden), cos, sin, write_blocks,
+                                  write_offsets, table, lengths, span.shape[0])
         return self.feed_forward(layer, hidden, attended)
 
-    def prompt_layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, write_blocks: torch.Tensor,
-                     write_offsets: torch.Tensor) -> torch.Tensor:
+    def prompt_layer(self, layer, kv: LayerCache, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> torch.Tensor:
         """Glm4vTextDecoderLayer.forward for the first chunk of right-padded prompts [rows, width, hidden]."""
-        attended = self.prompt_attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos, sin,
-                                         write_blocks, write_offsets)
+        attended = self.prompt_attention(layer.self_attn, kv, layer.input_layernorm(hidden), cos, sin, write_blocks,
+                                         write_offsets)
         return self.feed_forward(layer, hidden, attended)
 
-    def context_layer(self, layer, cache_k: torch.Tensor, cache_v: torch.Tensor, hidden: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor,
-                      context: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def context_layer(self, layer, kv: LayerCache, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      write_blocks: torch.Tensor, write_offsets: torch.Tensor, context: torch.Tensor,
+                      visible: torch.Tensor) -> torch.Tensor:
         """Glm4vTextDecoderLayer.forward for a later chunk of one prompt [1, width, hidden], attention
         over its earlier positions too."""
-        attended = self.context_attention(layer.self_attn, cache_k, cache_v, layer.input_layernorm(hidden), cos,
-                                          sin, write_blocks, write_offsets, context, visible)
+        attended = self.context_attention(layer.self_attn, kv, layer.input_layernorm(hidden), cos, sin, write_blocks,
+                                          write_offsets, context, visible)
         return self.feed_forward(layer, hidden, attended)
 
     @staticmethod
@@ -418,25 +446,24 @@ class Glm4vDecoder:
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         return q, k, v
 
-    def attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor, table: torch.Tensor,
-                  lengths: torch.Tensor, span: int) -> torch.Tensor:
+    def attention(self, attn, kv: LayerCache, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  write_blocks: torch.Tensor, write_offsets: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
+                  span: int) -> torch.Tensor:
         rows = x.shape[0]
         q, k, v = self.project(attn, x, cos, sin)
-        cache_k[write_blocks, write_offsets] = k[:, 0]
-        cache_v[write_blocks, write_offsets] = v[:, 0]
+        self.cache.format.store(kv, write_blocks, write_offsets, k[:, 0], v[:, 0])
         groups = self.heads // self.kv_heads
-        out = self.decode_attention(q.reshape(rows, self.kv_heads, groups, self.head_dim), cache_k, cache_v, table,
-                                    lengths, span, self.scaling)
+        out = self.decode_attention(q.reshape(rows, self.kv_heads, groups, self.head_dim), kv, table, lengths, span,
+                                    self.scaling)
         return attn.o_proj(out.reshape(rows, 1, self.heads * self.head_dim))
 
-    def prompt_attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> torch.Tensor:
+    def prompt_attention(self, attn, kv: LayerCache, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         write_blocks: torch.Tensor, write_offsets: torch.Tensor) -> torch.Tensor:
         rows, width = x.shape[:2]
         q, k, v = self.project(attn, x, cos, sin)
-        # One scatter per tensor for every row and column ([rows, width] indices).
-        cache_k[write_blocks, write_offsets] = k
-        cache_v[write_blocks, write_offsets] = v
+        # One scatter per tensor for every row and column ([rows, width] indices). Attention then reads
+        # the fresh k and v, not what the cache keeps of them (for an int8 cache, as vLLM does too).
+        self.cache.format.store(kv, write_blocks, write_offsets, k, v)
         # enable_gqa: the kernels read each key/value head for its group of query heads, where
         # repeating them first cost a copy as long as the attention itself.
         with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
@@ -446,17 +473,17 @@ class Glm4vDecoder:
             )
         return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))
 
-    def context_attention(self, attn, cache_k: torch.Tensor, cache_v: torch.Tensor, x: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, write_blocks: torch.Tensor,
-                          write_offsets: torch.Tensor, context: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def context_attention(self, attn, kv: LayerCache, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          write_blocks: torch.Tensor, write_offsets: torch.Tensor, context: torch.Tensor,
+                          visible: torch.Tensor) -> torch.Tensor:
         rows, width = x.shape[:2]
         q, k, v = self.project(attn, x, cos, sin)
-        cache_k[write_blocks, write_offsets] = k
-        cache_v[write_blocks, write_offsets] = v
-        # The key/value heads repeated for their query heads (transformers' repeat_kv): an explicit
-        # mask rules FlashAttention out, and the memory-efficient kernel that takes one has no GQA.
+        self.cache.format.store(kv, write_blocks, write_offsets, k, v)
+        # The earlier positions as the cache keeps them (dequantized from an int8 cache), this chunk's
+        # own included; the key/value heads repeated for their query heads (transformers' repeat_kv):
+        # an explicit mask rules FlashAttention out, and the memory-efficient kernel that takes one has no GQA.
         groups = self.heads // self.kv_heads
-        keys = gather(cache_k, context).repeat_interleave(groups, dim=1)
-        values = gather(cache_v, context).repeat_interleave(groups, dim=1)
+        keys, values = self.cache.format.load(kv, context, q.dtype)
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible, scale=self.scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))

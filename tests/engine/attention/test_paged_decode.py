@@ -10,19 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.attention.kv_format import PlainLayer
 from engine.attention.paged_decode import GatherAttention, decode_attention
 
 
 def paged_case(rows: int, kv_heads: int, groups: int, head_dim: int, block_size: int, lengths: list[int],
-               dtype: torch.dtype, device: str, seed: int = 0):
-    """Random queries and a pool whose blocks are handed to rows in a shuffled order."""
+               dtype: torch.dtype, device: str, seed: int = 0, span: int = 0):
+    """Random queries and a pool whose blocks are handed to rows in a shuffled order; the table wide
+    enough for `span` positions (the scratch block past each row's blocks), as the engine's always is."""
     generator = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-(n + 1) // block_size) for n in lengths) + 1
     pool = rows * max_blocks + 1
     cache_k = torch.randn(pool, block_size, kv_heads, head_dim, generator=generator).to(device, dtype)
     cache_v = torch.randn(pool, block_size, kv_heads, head_dim, generator=generator).to(device, dtype)
     order = (torch.randperm(pool - 1, generator=generator) + 1).view(rows, max_blocks)
-    table = torch.zeros(rows, max_blocks + 2, dtype=torch.long)
+    table = torch.zeros(rows, max(max_blocks + 2, span // block_size), dtype=torch.long)
     table[:, :max_blocks] = order
     q = torch.randn(rows, kv_heads, groups, head_dim, generator=generator).to(device, dtype)
     return q, cache_k, cache_v, table.to(device), torch.tensor(lengths, device=device)
@@ -44,7 +46,7 @@ def reference(q, cache_k, cache_v, table, lengths, scale) -> torch.Tensor:
 @pytest.mark.parametrize("lengths", [[0, 5, 16, 40], [33], [63, 64, 65]])
 def test_gather_attention_is_plain_attention_over_each_rows_blocks(lengths: list[int]) -> None:
     q, k, v, table, n = paged_case(len(lengths), 2, 3, 8, 16, lengths, torch.float32, "cpu")
-    got = GatherAttention()(q, k, v, table, n, 96, 0.3)
+    got = GatherAttention()(q, PlainLayer(k, v), table, n, 96, 0.3)
     torch.testing.assert_close(got, reference(q, k, v, table, n, 0.3), atol=1e-5, rtol=1e-5)
 
 
@@ -71,11 +73,12 @@ def test_triton_kernels_equal_attention_over_each_rows_blocks(rows, kv_heads, gr
                                                               span) -> None:
     from engine.attention.triton_decode import TritonPagedAttention
 
-    q, k, v, table, n = paged_case(rows, kv_heads, groups, 128, block_size, lengths, torch.bfloat16, "cuda")
+    q, k, v, table, n = paged_case(rows, kv_heads, groups, 128, block_size, lengths, torch.bfloat16, "cuda",
+                                   span=span)
     scale = 128 ** -0.5
-    got = TritonPagedAttention()(q, k, v, table, n, span, scale)
+    got = TritonPagedAttention()(q, PlainLayer(k, v), table, n, span, scale)
     torch.testing.assert_close(got.float(), reference(q, k, v, table, n, scale), atol=2e-2, rtol=2e-2)
-    gathered = GatherAttention()(q, k, v, table, n, span, scale)
+    gathered = GatherAttention()(q, PlainLayer(k, v), table, n, span, scale)
     torch.testing.assert_close(got.float(), gathered.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -84,7 +87,8 @@ def test_triton_kernels_run_inside_a_compiled_captured_step() -> None:
     from engine.attention.triton_decode import TritonPagedAttention
 
     q, k, v, table, n = paged_case(8, 2, 16, 128, 16, [50] * 8, torch.bfloat16, "cuda")
-    attention = torch.compile(lambda *a: TritonPagedAttention()(*a, 256, 0.1) * 2, dynamic=True)
+    attention = torch.compile(lambda q, k, v, *a: TritonPagedAttention()(q, PlainLayer(k, v), *a, 256, 0.1) * 2,
+                              dynamic=True)
     expected = attention(q, k, v, table, n)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
