@@ -22,7 +22,10 @@ logger = logging.getLogger("ray.serve")
 def build_app(args: AppArgs) -> Application:
     model = args.model_settings()
     preprocessor = ImagePreprocessor.options(**options.IMAGE_PREPROCESSOR).bind(args.images, model)
-    vlm = VLMServer.options(**options.VLM_SERVER, user_config=args.batching.model_dump()).bind(model)
+    vlm = VLMServer.options(
+        **options.VLM_SERVER, **options.vlm_request_router(args.routing), user_config=args.batching.model_dump()
+    ).bind(model)
     # The shared budget store only exists when there is a budget to keep.
     limiter = RateLimiter.options(**options.RATE_LIMITER).bind() if args.ingress.rate_limited else None
-    return Ingress.options(**options.INGRESS).bind(args.ingress, model, preprocessor, vlm, limiter)
+    return Ingress.options(**options.INGRESS).bind(args.ingress, model, preprocessor, vlm, limiter,
+                                                   keyed_routing=args.routing.router != "default")

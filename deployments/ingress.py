@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 from starlette.middleware import Middleware
 
+from deployments.affinity_router import conversation_key
 from deployments.choice_tally import ChoiceTally
 from deployments.metrics import CountRequests, IngressMetrics
 from deployments.rate_budget import Budget, RateLimitGate
@@ -62,8 +63,12 @@ class Ingress:
         preprocessor: DeploymentHandle,
         vlm: DeploymentHandle,
         rate_limiter: DeploymentHandle | None = None,
+        keyed_routing: bool = False,
     ) -> None:
         self._settings = settings
+        # Whether the model replicas' router reads a conversation key (deployments/affinity_router.py):
+        # hashing a first turn's images costs the event loop time that Ray's default router would waste.
+        self._keyed_routing = keyed_routing
         self._model = model
         self._preprocessor = preprocessor
         self._vlm = vlm
@@ -149,7 +154,9 @@ class Ingress:
             # store without this event loop waiting for them, deserializing and sending them on.
             images = [self._preprocessor.process.remote(image) for image in image_inputs]
             generation = GenerationRequest(
-                messages=messages, images=[], sampling=sampling, tools=template_tools(body), n=n
+                messages=messages, images=[], sampling=sampling, tools=template_tools(body), n=n,
+                cache_salt=body.cache_salt,
+                routing_key=conversation_key(messages, image_inputs, body.cache_salt) if self._keyed_routing else None,
             )
             stream = self._observed(self._vlm.options(stream=True).generate.remote(generation, *images), started, n)
             # The budget settles from the stream itself, however it ends (done, failed, or cut).

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
+from serve_app.stage_types import CacheStats
+
 _LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 _BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _BYTES = [1e3, 1e4, 1e5, 5e5, 1e6, 2e6, 5e6, 1e7]
@@ -40,6 +42,33 @@ class VLMMetrics:
         self.cancelled = metrics.Counter(
             "vlm_cancelled_requests", "Requests dropped from a running batch because their client went away."
         )
+        self.prefix_queries = metrics.Counter(
+            "vlm_prefix_cache_queries", "Prompt tokens looked up in the engine's prefix cache (at each admission)."
+        )
+        self.prefix_hits = metrics.Counter(
+            "vlm_prefix_cache_hits", "Prompt tokens found in the prefix cache: their KV blocks were not computed again."
+        )
+        self.encoder_queries = metrics.Counter(
+            "vlm_encoder_cache_queries", "Images whose vision features were looked up in the encoder cache."
+        )
+        self.encoder_hits = metrics.Counter(
+            "vlm_encoder_cache_hits", "Images whose vision features came from the encoder cache (no encoder pass)."
+        )
+        self.encoder_bytes = metrics.Gauge("vlm_encoder_cache_bytes", "Bytes the encoder cache holds now.")
+        self._cache_stats = CacheStats()
+
+    def export_cache_stats(self, stats: CacheStats) -> None:
+        """Move the cache counters on to the engine's figures (cumulative: each counter gets what is new)."""
+        last, self._cache_stats = self._cache_stats, stats
+        for counter, now, before in (
+            (self.prefix_queries, stats.prefix_queried_tokens, last.prefix_queried_tokens),
+            (self.prefix_hits, stats.prefix_hit_tokens, last.prefix_hit_tokens),
+            (self.encoder_queries, stats.encoder_queried_images, last.encoder_queried_images),
+            (self.encoder_hits, stats.encoder_hit_images, last.encoder_hit_images),
+        ):
+            if now > before:
+                counter.inc(now - before)
+        self.encoder_bytes.set(stats.encoder_cache_bytes)
 
 
 class PreprocessMetrics:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.serve.config import RequestRouterConfig
+
+from serve_app.settings import RoutingSettings
+
 INGRESS: dict[str, Any] = {
     "ray_actor_options": {"num_cpus": 0},  # waits on the network and on the other stages
     "max_ongoing_requests": 256,
@@ -27,3 +31,15 @@ RATE_LIMITER: dict[str, Any] = {
     "ray_actor_options": {"num_cpus": 0},
     "max_ongoing_requests": 1000,
 }
+
+
+def vlm_request_router(routing: RoutingSettings) -> dict[str, Any]:
+    """The VLMServer's router options: none for Ray's default router (a config's own
+    `request_router_config` then applies as written), the prefix-affinity router otherwise."""
+    if routing.router == "default":
+        return {}
+    config = RequestRouterConfig(
+        request_router_class="deployments.affinity_router.PrefixAffinityRouter",
+        request_router_kwargs={"bound": routing.affinity_queue_bound},
+    )
+    return {"request_router_config": config}

@@ -133,6 +133,7 @@ class VLMServer:
             await self._budget.release(cost)
             self._in_flight -= 1
             self._metrics.queue_depth.set(self._in_flight)
+            self._metrics.export_cache_stats(self._engine.cache_stats())
             if open_choices:
                 self._metrics.cancelled.inc()
 
@@ -191,7 +192,9 @@ class VLMServer:
         return streams
 
     async def check_health(self) -> None:
-        """Healthy when a running batch keeps stepping, or when an idle model can run a forward pass."""
+        """Healthy when a running batch keeps stepping, or when an idle model can run a forward pass.
+        (Also brings the cache metrics up to date, from an engine process's latest beat too.)"""
+        self._metrics.export_cache_stats(self._engine.cache_stats())
         if self._engine.busy:
             stalled = time.monotonic() - self._engine.last_step_at
             if stalled > self._stall_timeout_s:

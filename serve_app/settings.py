@@ -107,7 +107,7 @@ class BatchSettings(_Settings):
     )
 
 
-GptqBackend = Literal["auto", "tinygemm", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]
+GptqBackend = Literal["auto", "tinygemm", "gemlite", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]
 
 
 class QuantizationSettings(_Settings):
@@ -115,14 +115,22 @@ class QuantizationSettings(_Settings):
 
     gptq_backend: GptqBackend = Field(
         "auto", description="Kernel for GPTQ checkpoints: 'tinygemm' (PyTorch's int4 matmul, 4 bits; "
-        "engine/quant/int4_linear.py) or one of gptqmodel's; 'auto' picks per device and bit width."
+        "engine/quant/int4_linear.py), 'gemlite' (gemlite's Triton kernels, 4 or 8 bits, CUDA, one copy of the "
+        "weights; pip install gemlite) or one of gptqmodel's; 'auto' picks per device and bit width."
     )
     kv_cache: Literal["none", "int8", "int4"] = Field(
-        "none", description="Quantize the KV cache (transformers' QuantizedCache, HQQ backend; pip install hqq)."
+        "none",
+        description="Quantize the KV cache. int8: the continuous engine keeps its paged cache in 8-bit codes with a "
+        "float32 scale per position and head (about half of bf16's bytes), quantized as written and dequantized "
+        "in attention; the generate() engine uses transformers' QuantizedCache (HQQ backend; pip install hqq). "
+        "int4: the generate() engine only (transformers' QuantizedCache).",
     )
-    kv_cache_group_size: int = Field(64, ge=8, description="Values sharing one scale in the quantized cache.")
+    kv_cache_group_size: int = Field(
+        64, ge=8, description="generate() engine only: values sharing one scale in transformers' quantized cache."
+    )
     kv_cache_residual_length: int = Field(
-        128, ge=0, description="Most recent tokens kept in full precision before they are quantized."
+        128, ge=0,
+        description="generate() engine only: most recent tokens kept in full precision before they are quantized.",
     )
 
 
@@ -170,6 +178,20 @@ class ContinuousEngineSettings(_Settings):
         "of this size, one pass per decode step, and arrivals beyond wait for the next pass. Smaller: earlier "
         "first tokens for the first arrivals of a burst, and shorter pauses of the running sequences (whose "
         "steps wait for each pass); larger: fewer passes.",
+    )
+    prefix_caching: bool = Field(
+        True,
+        description="Keep full KV cache blocks by a hash of their tokens (and of the images and the request's "
+        "cache_salt behind them) after their sequence ends, until their memory is needed: a prompt that starts "
+        "as an earlier one did (the next turn of a conversation) prefills only what follows. The same answers "
+        "either way (up to rounding in bf16 or with an int8 KV cache, as with chunked prefill); False: every "
+        "prompt is prefilled whole.",
+    )
+    encoder_cache_bytes: int = Field(
+        256 * 2**20, ge=0,
+        description="Device memory for vision encoder outputs kept by image content, least recently used "
+        "evicted first: an image sent again whose tokens the prefix cache does not hold skips the vision "
+        "encoder. 0: off.",
     )
     cuda_graphs: bool = Field(False, description="Capture decode steps in CUDA graphs (CUDA only).")
     compile: bool = Field(False, description="torch.compile the decode step (then captured, with cuda_graphs).")
@@ -536,6 +558,22 @@ class IngressSettings(_Settings):
         return keys
 
 
+class RoutingSettings(_Settings):
+    """How handles pick a VLMServer replica for each request (the deployment's request router)."""
+
+    router: Literal["default", "prefix_affinity"] = Field(
+        "default",
+        description="'default': Ray Serve's power of two choices (the less loaded of two random replicas). "
+        "'prefix_affinity': a conversation's turns go to one replica, chosen by a hash of its first turn "
+        "(images included), where its prefix cache is (deployments/affinity_router.py).",
+    )
+    affinity_queue_bound: int = Field(
+        32, ge=1,
+        description="prefix_affinity: when a conversation's replica has more requests in flight than this, "
+        "the request goes to the least loaded replica instead.",
+    )
+
+
 class AppArgs(_Settings):
     """The `args` of `serve_config.yaml`: everything the application builder needs."""
 
@@ -543,6 +581,7 @@ class AppArgs(_Settings):
     images: ImageSettings = ImageSettings()
     batching: BatchSettings = BatchSettings()
     ingress: IngressSettings = IngressSettings()
+    routing: RoutingSettings = RoutingSettings()
 
     @field_validator("model")
     @classmethod

@@ -156,6 +156,11 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tools: list[dict] | None = None  # OpenAI function definitions, rendered by the chat template
     n: int = 1  # choices: the engine prefills the prompt once and samples n rows from it
+    # Requests share prefix-cached KV blocks only with requests of the same salt (None: the shared default).
+    cache_salt: str | None = None
+    # The conversation's first turn, hashed (deployments/affinity_router.py): the prefix-affinity request
+    # router sends equal keys to one model replica, where the earlier turns' KV blocks are. None: any replica.
+    routing_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +190,22 @@ class GenerationChunk:
     completion_tokens: int
     finish_reason: Literal["stop", "length"] | None = None
     image_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache
     choice: int = 0  # which of the request's n choices
     logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """An engine's cache figures since it started (cumulative, for counters), and the encoder cache's
+    bytes now: prompt tokens looked up in the prefix cache and found there, images whose features were
+    looked up in the encoder cache and found there."""
+
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    encoder_queried_images: int = 0
+    encoder_hit_images: int = 0
+    encoder_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,19 @@ inter-token latency (ITL: gaps between consecutive content chunks), time per out
 (end-to-end - TTFT) / (completion tokens - 1)) and end-to-end latency. The run reports P50/P95/P99
 of each, requests/s and output tokens/s (from `usage`), and counts errors by kind without stopping.
 
-The statistics are pure functions (`percentile`, `summarize`, `aggregate`) so they are tested alone.
+Multi-turn mode (`--multi-turn`): `--num-requests` conversations of `--turns` turns, at most
+`--concurrency` of them in flight. Turn 1 sends `--images-per-request` images (default size
+1024x1024) and about `--turn-tokens` tokens of text; every later turn appends the model's answer and
+a new user message of about as many tokens and sends the whole conversation again, as chat clients
+do. Reported per turn: TTFT P50, prompt tokens, and the prefix cache's hit rate where the server
+reports `usage.prompt_tokens_details.cached_tokens`. `--uncached-baseline` then replays the same
+conversations with a fresh `cache_salt` on every request (no request can reuse another's cached
+prefix or image features) and reports each turn's TTFT against that baseline, in the same call.
+
+    vlm-serve bench --multi-turn --turns 6 --num-requests 16 --concurrency 4 --uncached-baseline
+
+The statistics are pure functions (`percentile`, `summarize`, `aggregate`, `per_turn`) so they are
+tested alone.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import math
 import random
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -76,8 +89,11 @@ class RequestResult:
     content_chunks: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     finish_reason: str | None = None
     text_chars: int = 0
+    turn: int | None = None  # multi-turn mode: the turn's index in its conversation (0: the first)
+    answer: str = ""  # the streamed text (multi-turn mode appends it to the conversation; not recorded)
 
     @property
     def e2e(self) -> float:
@@ -91,7 +107,7 @@ class RequestResult:
 
     def record(self) -> dict[str, Any]:
         """The per-request line written to JSON (ITL gaps summarised, not listed)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("itls", "start", "end")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("itls", "start", "end", "answer")}
         out["e2e_s"] = self.e2e
         out["tpot_s"] = self.tpot
         out["itl_mean_s"] = (sum(self.itls) / len(self.itls)) if self.itls else None
@@ -123,6 +139,49 @@ def aggregate(results: Sequence[RequestResult], duration_s: float, expected_toke
     if expected_tokens is not None:
         summary["wrong_token_count"] = sum(1 for r in good if r.completion_tokens != expected_tokens)
     return summary
+
+
+def per_turn(results: Sequence[RequestResult]) -> list[dict[str, Any]]:
+    """Multi-turn figures per turn index: requests, TTFT P50, mean prompt tokens, and the share of
+    prompt tokens the prefix cache held (None unless every request of the turn reported cached_tokens)."""
+    turns = sorted({r.turn for r in results if r.turn is not None})
+    out = []
+    for turn in turns:
+        good = [r for r in results if r.turn == turn and r.ok]
+        prompt = sum(r.prompt_tokens or 0 for r in good)
+        cached = None if not good or any(r.cached_tokens is None for r in good) else sum(r.cached_tokens for r in good)
+        out.append({
+            "turn": turn + 1,
+            "requests": len(good),
+            "ttft_p50_s": percentile([r.ttft for r in good if r.ttft is not None], 50),
+            "prompt_tokens_mean": (prompt / len(good)) if good else None,
+            "cached_tokens_mean": None if cached is None else cached / len(good),
+            "prefix_hit_rate": None if cached is None or not prompt else cached / prompt,
+        })
+    return out
+
+
+def format_turns(turns: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]] | None = None) -> str:
+    """A per-turn table; with `baseline` (the same turns without caching), each TTFT against its own."""
+
+    def shown(value: float | None, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+        return "-" if value is None else f"{value * scale:.{digits}f}{unit}"
+
+    header = f"{'turn':<6}{'n':>5}{'TTFT P50 (ms)':>15}{'prompt tok':>12}{'cached tok':>12}{'hit rate':>10}"
+    if baseline is not None:
+        header += f"{'uncached (ms)':>15}{'ratio':>8}"
+    lines = [header]
+    base = {t["turn"]: t["ttft_p50_s"] for t in baseline or []}
+    for t in turns:
+        line = (f"{t['turn']:<6}{t['requests']:>5}{shown(t['ttft_p50_s'], 1000):>15}"
+                f"{shown(t['prompt_tokens_mean'], digits=0):>12}{shown(t['cached_tokens_mean'], digits=0):>12}"
+                f"{shown(t['prefix_hit_rate'], 100, unit='%'):>10}")
+        if baseline is not None:
+            other = base.get(t["turn"])
+            ratio = t["ttft_p50_s"] / other if other and t["ttft_p50_s"] is not None else None
+            line += f"{shown(other, 1000):>15}{shown(ratio, digits=2):>8}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -222,28 +281,37 @@ class Workload:
     images: list[list[str]]  # image data URLs of each request (made before the clock starts)
 
 
-async def run_one(client, work: Workload, index: int, timeout_s: float) -> RequestResult:
-    """One streamed request; never raises (errors become the result's `error`)."""
+async def run_one(client, work: Workload, index: int, timeout_s: float, messages: list[dict[str, Any]] | None = None,
+                  cache_salt: str | None = None) -> RequestResult:
+    """One streamed request (the workload's prompt and images, or `messages`); never raises (errors
+    become the result's `error`)."""
     result = RequestResult(index=index)
     n = work.output_tokens
     result.start = time.perf_counter()
     last: float | None = None
+    extra: dict[str, Any] = {"ignore_eos": True, "min_tokens": n}
+    if cache_salt is not None:
+        extra["cache_salt"] = cache_salt
     try:
         stream = await client.chat.completions.create(
             model=work.model,
-            messages=build_messages(work.prompt, work.images[index % len(work.images)] if work.images else []),
+            messages=messages or build_messages(work.prompt, work.images[index % len(work.images)] if work.images
+                                                else []),
             max_tokens=n,
             temperature=work.temperature,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True, "min_tokens": n},
+            extra_body=extra,
             timeout=timeout_s,
         )
+        answer: list[str] = []
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.usage is not None:
                 result.prompt_tokens = chunk.usage.prompt_tokens
                 result.completion_tokens = chunk.usage.completion_tokens
+                details = chunk.usage.prompt_tokens_details
+                result.cached_tokens = None if details is None else details.cached_tokens
             for choice in chunk.choices or []:
                 if choice.delta is not None and choice.delta.content:
                     if last is None:
@@ -253,8 +321,10 @@ async def run_one(client, work: Workload, index: int, timeout_s: float) -> Reque
                     last = now
                     result.content_chunks += 1
                     result.text_chars += len(choice.delta.content)
+                    answer.append(choice.delta.content)
                 if choice.finish_reason is not None:
                     result.finish_reason = choice.finish_reason
+        result.answer = "".join(answer)
         result.ok = True
     except asyncio.CancelledError:
         raise
@@ -303,6 +373,107 @@ async def run_load(
     return sorted(results, key=lambda r: r.index), duration
 
 
+# ---- multi-turn conversations ----------------------------------------------------------------------
+
+_WORDS = ("circle", "square", "red", "blue", "green", "large", "small", "left", "right", "above", "below",
+          "picture", "shape", "colour", "count", "between", "corner", "edge", "middle", "bright", "dark",
+          "pattern", "line", "dot", "next", "to", "the", "a", "of", "and", "with", "is", "in", "on")
+
+
+def turn_text(seed: int, conversation: int, turn: int, tokens: int) -> str:
+    """A user message of about `tokens` tokens (words of a fixed list, about one token each), its own for
+    every (seed, conversation, turn): conversations share no text, so only a conversation's own
+    earlier turns can be cached."""
+    rng = random.Random(f"{seed}/{conversation}/{turn}")
+    words = " ".join(rng.choice(_WORDS) for _ in range(max(1, tokens - 12)))
+    return f"Conversation {conversation}, turn {turn + 1}: {words}. What do you make of this?"
+
+
+def turn_message(work: Workload, conversation: int, turn: int, turn_tokens: int, seed: int) -> dict[str, Any]:
+    """Turn `turn`'s user message: its text, after the conversation's images on the first turn."""
+    text = turn_text(seed, conversation, turn, turn_tokens)
+    if turn or not work.images:
+        return {"role": "user", "content": text}
+    return build_messages(text, work.images[conversation % len(work.images)])[0]
+
+
+async def run_conversation(client, work: Workload, conversation: int, turns: int, turn_tokens: int, seed: int,
+                           timeout_s: float, salted: bool = False) -> list[RequestResult]:
+    """One conversation, turn after turn, each sending the whole conversation so far; a failed turn ends
+    it. `salted`: every request with a fresh cache_salt (nothing cached is shared)."""
+    messages: list[dict[str, Any]] = []
+    results = []
+    for turn in range(turns):
+        messages.append(turn_message(work, conversation, turn, turn_tokens, seed))
+        result = await run_one(client, work, conversation * turns + turn, timeout_s, list(messages),
+                               uuid.uuid4().hex if salted else None)
+        result.turn = turn
+        results.append(result)
+        if not result.ok:
+            break
+        messages.append({"role": "assistant", "content": result.answer})
+    return results
+
+
+async def run_conversations(client, work: Workload, args: argparse.Namespace, concurrency: int, first: int,
+                            count: int, salted: bool = False) -> tuple[list[RequestResult], float]:
+    """Conversations first..first+count-1, at most `concurrency` at once; their requests' results."""
+    from tqdm.asyncio import tqdm
+
+    bar = tqdm(total=count, desc="conversations", unit="conv", disable=args.no_progress, file=sys.stderr)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(conversation: int) -> list[RequestResult]:
+        async with limit:
+            done = await run_conversation(client, work, conversation, args.turns, args.turn_tokens, args.seed,
+                                          args.timeout, salted)
+        bar.update(1)
+        return done
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(first + i) for i in range(count)))
+    duration = time.perf_counter() - started
+    bar.close()
+    return [r for conversation in results for r in conversation], duration
+
+
+async def _bench_conversations(client, args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Multi-turn mode (see the module docstring)."""
+    sizes = parse_image_sizes(args.image_size) or [(1024, 1024)]
+    total = args.num_requests + args.warmup
+    images = [[make_image_url(sizes[(i * args.images_per_request + j) % len(sizes)], i * 1000 + j, args.image_format)
+               for j in range(args.images_per_request)] for i in range(total)] if args.images_per_request else []
+    work = Workload(model, "", args.output_tokens, args.temperature, images)
+    concurrency = args.concurrency or 1
+    if args.warmup:  # not counted: the first turns of conversations of their own
+        await asyncio.gather(*(run_one(client, work, 0, args.timeout, [turn_message(work, c, 0, args.turn_tokens,
+                                                                                   args.seed)])
+                               for c in range(args.num_requests, total)))
+    results, duration = await run_conversations(client, work, args, concurrency, 0, args.num_requests)
+    summary = aggregate(results, duration, expected_tokens=args.output_tokens)
+    summary["turns"] = per_turn(results)
+    report: dict[str, Any] = {"requests": [r.record() for r in results]}
+    if args.uncached_baseline:
+        # The same conversations (the same images and texts) again, nothing shared between requests.
+        baseline, baseline_duration = await run_conversations(client, work, args, concurrency, 0, args.num_requests,
+                                                              salted=True)
+        summary["uncached"] = {"turns": per_turn(baseline),
+                               **aggregate(baseline, baseline_duration, expected_tokens=args.output_tokens)}
+        report["uncached_requests"] = [r.record() for r in baseline]
+    return {
+        "config": {
+            "base_url": args.base_url, "model": model, "multi_turn": True, "conversations": args.num_requests,
+            "turns": args.turns, "turn_tokens": args.turn_tokens, "concurrency": concurrency,
+            "image_sizes": [f"{w}x{h}" for w, h in sizes], "images_per_request": args.images_per_request,
+            "image_format": args.image_format, "output_tokens": args.output_tokens,
+            "temperature": args.temperature, "warmup": args.warmup, "seed": args.seed,
+            "uncached_baseline": args.uncached_baseline,
+        },
+        "summary": summary,
+        **report,
+    }
+
+
 async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     from openai import AsyncOpenAI
 
@@ -312,6 +483,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             model = args.model or (await client.models.list()).data[0].id
         except Exception as exc:  # noqa: BLE001 - nothing to measure without a model name
             raise SystemExit(f"cannot list the models at {args.base_url}: {error_kind(exc)}: {exc}") from None
+        if args.multi_turn:
+            return await _bench_conversations(client, args, model)
         sizes = parse_image_sizes(args.image_size) or [(448, 448)]
         total = args.num_requests + args.warmup
         per_request = args.images_per_request
@@ -372,8 +545,13 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit("--concurrency must be at least 1")
     if args.request_rate is not None and args.request_rate <= 0:
         raise SystemExit("--request-rate must be positive")
+    if args.multi_turn and args.turns < 1:
+        raise SystemExit("--turns must be at least 1")
     report = asyncio.run(_bench(args))
     c = report["config"]
+    if c.get("multi_turn"):
+        _print_conversations(report)
+        return _write(report, args.out)
     mode = f"concurrency {c['concurrency']}" if c["request_rate"] is None else (
         f"request rate {c['request_rate']}/s" + (f", concurrency cap {c['concurrency']}" if c["concurrency"] else "")
     )
@@ -383,10 +561,27 @@ def _run(args: argparse.Namespace) -> int:
         f" | {c['output_tokens']} output tokens"
     )
     print(format_table(report["summary"]))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+    return _write(report, args.out)
+
+
+def _print_conversations(report: dict[str, Any]) -> None:
+    c, summary = report["config"], report["summary"]
+    print(f"model {c['model']} at {c['base_url']} | {c['conversations']} conversations of {c['turns']} turns, "
+          f"concurrency {c['concurrency']} | turn 1: {c['images_per_request']} image(s) of "
+          f"{','.join(c['image_sizes']) if c['images_per_request'] else '-'} | ~{c['turn_tokens']} tokens of text "
+          f"a turn | {c['output_tokens']} output tokens")
+    print(format_table(summary))
+    uncached = summary.get("uncached")
+    print(format_turns(summary["turns"], uncached["turns"] if uncached else None))
+    if uncached and uncached["failures"]:
+        print(f"WARNING: {uncached['failures']} requests of the uncached baseline failed")
+
+
+def _write(report: dict[str, Any], out: str | None) -> int:
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
-        print(f"written to {args.out}")
+        print(f"written to {out}")
     return 0
 
 
@@ -415,6 +610,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrival times")
     parser.add_argument("--out", default=None, help="write the figures and per-request records as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--multi-turn", action="store_true",
+                        help="replay conversations: --num-requests conversations of --turns turns, each turn "
+                        "sending the whole conversation again (default image size then 1024x1024)")
+    parser.add_argument("--turns", type=int, default=6, help="multi-turn mode: turns per conversation")
+    parser.add_argument("--turn-tokens", type=int, default=300,
+                        help="multi-turn mode: about this many tokens of text in each user message")
+    parser.add_argument("--uncached-baseline", action="store_true",
+                        help="multi-turn mode: replay the conversations again with a fresh cache_salt on every "
+                        "request, and report each turn's TTFT against that")
 
 
 def register(subparsers) -> argparse.ArgumentParser:

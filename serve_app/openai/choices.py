@@ -59,7 +59,8 @@ PLAIN = OutputOptions()  # one choice, no logprobs, no tool calls read
 def usage(lasts: Sequence[GenerationChunk]) -> CompletionUsage:
     """The prompt once, and every choice's completion (from each choice's latest chunk)."""
     return CompletionUsage.of(
-        lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts), lasts[0].image_tokens
+        lasts[0].prompt_tokens, sum(last.completion_tokens for last in lasts), lasts[0].image_tokens,
+        lasts[0].cached_tokens,
     )
 
 

@@ -184,6 +184,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 # Seeds are 64-bit signed integers, as torch's generators (and vLLM) take them.
 _INT64 = 2**63
+MAX_CACHE_SALT_CHARS = 256
 
 
 class ChatCompletionRequest(_Request):
@@ -233,6 +234,13 @@ class ChatCompletionRequest(_Request):
         None, gt=0.0, le=2.0,
         description="Extension: divide the logits of tokens already in the prompt or the answer by this "
         "(multiply the negative ones), as transformers does; 1: off.",
+    )
+    # Extension (vLLM's name and meaning): prefix-cache isolation between tenants.
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=MAX_CACHE_SALT_CHARS,
+        description="Extension: requests reuse each other's cached prompt prefix (usage.prompt_tokens_details."
+        "cached_tokens) only when their cache_salt is the same; a secret salt per tenant keeps others from "
+        f"sharing, or timing, its cache. Up to {MAX_CACHE_SALT_CHARS} characters.",
     )
 
     @field_validator("temperature")
@@ -317,7 +325,7 @@ def completion_id() -> str:
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     # Extension: how many prompt tokens the images became, so clients see what a resolution costs.
     image_tokens: int = 0
 
@@ -329,12 +337,13 @@ class CompletionUsage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, image_tokens: int) -> CompletionUsage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, image_tokens: int,
+           cached_tokens: int = 0) -> CompletionUsage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(image_tokens=image_tokens),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens, image_tokens=image_tokens),
         )
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from demo.model import make_demo_model
 from deployments.ingress import Ingress
+from deployments.metrics import VLMMetrics
 from deployments.vlm import VLMServer
 from engine.generate.engine import GenerateEngine
 from engine.loader import load_model
@@ -37,6 +38,7 @@ def replica(engine: Engine, stall_timeout_s: float = 2.0) -> VLMServer:
     server._engine = engine
     server._executor = ThreadPoolExecutor(max_workers=1)
     server._stall_timeout_s = stall_timeout_s
+    server._metrics = VLMMetrics()  # check_health brings the cache metrics up to date
     return server
 
 
