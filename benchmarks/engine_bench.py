@@ -6,6 +6,8 @@
         --image-size 448x448 --json $OUT/engine.json                   # on a GPU: the production shape
     python benchmarks/engine_bench.py --random-glm46v-shape --batch-sizes 1,8,32 --new-tokens 128 \\
         --image-size 448x448 --engines continuous --cuda-graphs --compile --json $OUT/engine-graphs.json
+    python benchmarks/engine_bench.py --random-glm46v-shape --batch-sizes 32 --new-tokens 128 \\
+        --engines continuous --cuda-graphs --compile --kv-cache none,int8   # the int8 KV cache beside bf16's
 
 Each concurrency level B makes B requests, each with one image of `--image-size` (distinct pixels
 per row) and `--prompt`, prepared as the server prepares them (chat template, image tokens). The
@@ -17,6 +19,10 @@ same prepared rows then run, in the same process and order:
 - continuous: the same rows through the continuous engine (`ContinuousEngine`: slot KV cache,
   per-step admission; `--cuda-graphs`/`--compile` as in the model YAML's `continuous:`).
 `--engines` picks which of the two run (both by default); the baseline always runs.
+`--kv-cache` picks the continuous engine's paged KV cache format; `--kv-cache none,int8` builds one
+continuous engine per format and runs both side by side (paths `continuous` and `continuous-int8`).
+An int8 cache's greedy tokens are not expected to equal `generate()`'s, so they are shown but leave
+the exit status alone.
 Figures per path: TTFT (call -> the first generated token on the host: for the engines, the first
 token their detokenizer receives, which the first `on_step` callback carries unless the token has no
 text (`first_callback_s` reports that call too); for the baseline, the first stopping-criterion call
@@ -285,7 +291,9 @@ PATHS = {"engine": "generate", "continuous": "continuous"}  # result key -> --en
 
 
 def run_levels(loaded: LoadedModel, engines: dict[str, Engine], cengine: ContinuousEngine | None,
-               args: argparse.Namespace) -> dict[str, Any]:
+               args: argparse.Namespace, approximate: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Every level through the baseline and `engines`; paths in `approximate` (an int8 KV cache) are
+    compared with the baseline but not held to it."""
     size = parse_size(args.image_size)
     levels = []
     for b in [int(v) for v in args.batch_sizes.split(",") if v.strip()]:
@@ -302,8 +310,8 @@ def run_levels(loaded: LoadedModel, engines: dict[str, Engine], cengine: Continu
         for _ in range(args.repeats):
             base_runs.append(run_baseline(loaded, batch, args.new_tokens))
             for key, path in engines.items():
-                path_runs[key].append(run_engine(path, batch, args.arrival_spread if key == "continuous" else 0.0,
-                                                 args.arrival_group))
+                path_runs[key].append(run_engine(path, batch, args.arrival_spread if key.startswith("continuous")
+                                                 else 0.0, args.arrival_group))
         base = figures(base_runs, b, args.new_tokens)
         level: dict[str, Any] = {
             "batch_size": b,
@@ -311,6 +319,7 @@ def run_levels(loaded: LoadedModel, engines: dict[str, Engine], cengine: Continu
             "image_tokens": batch[0].image_tokens,
             "prepare_s": prepare_s,
             "baseline": base,
+            "paths": list(path_runs),
         }
         equal = []
         for key, runs in path_runs.items():
@@ -322,7 +331,8 @@ def run_levels(loaded: LoadedModel, engines: dict[str, Engine], cengine: Continu
             level[f"outputs_equal_{key}"] = same
             level[f"first_difference_{key}"] = first_difference(base_runs[-1], runs[-1])
             level[f"compared_{key}"] = "token ids" if base_runs[-1].tokens and runs[-1].tokens else "text"
-            equal.append(same)
+            if key not in approximate:
+                equal.append(same)
         if "engine" in path_runs:  # the generate-path engine's keys, as before the continuous one existed
             level["compared"] = level["compared_engine"]
         level["outputs_equal"] = all(equal)
@@ -383,18 +393,18 @@ def run_arrival(cengine: ContinuousEngine, batch: list[PreparedRequest], new_tok
     }
 
 
-_HEADER = (f"{'B':>4} {'path':<11}{'TTFT s':>9}{'P50':>7}{'wall s':>9}{'tok/s/seq':>11}{'decode tok/s/seq':>18}"
+_HEADER = (f"{'B':>4} {'path':<16}{'TTFT s':>9}{'P50':>7}{'wall s':>9}{'tok/s/seq':>11}{'decode tok/s/seq':>18}"
            f"{'total tok/s':>13}{'ratio':>8}  equal")
 
 
 def print_level(level: dict[str, Any]) -> None:
     def row(name: str, f: dict, ratio: str = "", equal: str = "") -> str:
         decode = "-" if f["decode_tok_s_per_seq"] is None else f"{f['decode_tok_s_per_seq']:.1f}"
-        return (f"{level['batch_size']:>4} {name:<11}{f['ttft_s']:>9.3f}{f['ttft_p50_s']:>7.3f}{f['total_s']:>9.3f}"
+        return (f"{level['batch_size']:>4} {name:<16}{f['ttft_s']:>9.3f}{f['ttft_p50_s']:>7.3f}{f['total_s']:>9.3f}"
                 f"{f['tok_s_per_seq']:>11.1f}{decode:>18}{f['total_tok_s']:>13.1f}{ratio:>8}  {equal}")
 
     print(row("baseline", level["baseline"]), flush=True)
-    for key in PATHS:
+    for key in level["paths"]:
         if key in level:
             ratio = level[f"ratio_{key}_over_baseline"]["total_tok_s"]
             differs = level[f"first_difference_{key}"]
@@ -409,17 +419,25 @@ def print_level(level: dict[str, Any]) -> None:
               f"{a['steps_to_first_token']} decode steps (their step: {step})", flush=True)
 
 
-def continuous_engine(loaded: LoadedModel, args: argparse.Namespace) -> ContinuousEngine | None:
-    """The continuous engine over the same model, with the command line's engine options."""
+def continuous_paths(args: argparse.Namespace) -> dict[str, str]:
+    """Result key -> KV cache format of each continuous engine to build ('continuous' for none,
+    'continuous-int8'); none without `--engines continuous`."""
     if "continuous" not in args.engines:
-        return None
+        return {}
+    return {"continuous" if kv == "none" else f"continuous-{kv}": kv for kv in args.kv_cache}
+
+
+def continuous_engine(loaded: LoadedModel, args: argparse.Namespace, kv_cache: str) -> ContinuousEngine:
+    """The continuous engine over the same model, with the command line's engine options and `kv_cache`."""
     sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
     options = ContinuousEngineSettings(
         max_slots=args.max_slots or max(sizes), cuda_graphs=args.cuda_graphs, compile=args.compile,
         compile_mode=args.compile_mode, warmup_max_len=args.warmup_max_len, decode_attention=args.decode_attention,
+        prefix_caching=args.prefix_caching,
         **({"max_prefill_tokens": args.max_prefill_tokens} if args.max_prefill_tokens else {}),
     )
-    update: dict[str, Any] = {"continuous": options}
+    update: dict[str, Any] = {"continuous": options,
+                              "quantization": loaded.settings.quantization.model_copy(update={"kv_cache": kv_cache})}
     if args.max_model_len:
         update["max_model_len"] = args.max_model_len
     return ContinuousEngine(loaded.with_settings(**update))
@@ -446,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true", help="continuous: capture decode steps in CUDA graphs")
     parser.add_argument("--compile", action="store_true", help="continuous: torch.compile the decode step")
     parser.add_argument("--compile-mode", default="default")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="continuous: keep prefix caching on (off by default: the warm-up and repeats send the "
+                             "same rows again, whose prompts would then come from the cache)")
+    parser.add_argument("--kv-cache", default="none",
+                        help="continuous: the paged KV cache's format, none or int8; 'none,int8' runs one continuous "
+                             "engine of each side by side")
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="continuous: padded prompt tokens per prefill pass (default: the settings')")
     parser.add_argument("--warmup-max-len", type=int, default=1024,
@@ -462,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     args.engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     if not args.engines <= set(PATHS.values()):
         parser.error("--engines takes generate and/or continuous")
+    args.kv_cache = list(dict.fromkeys(k.strip() for k in args.kv_cache.split(",") if k.strip()))
+    if not args.kv_cache or not set(args.kv_cache) <= {"none", "int8"}:
+        parser.error("--kv-cache takes none and/or int8")
     if args.new_tokens < 1:
         parser.error("--new-tokens must be at least 1")
     if (args.tiny or args.weights != "float") and not args.random_glm46v_shape:
@@ -469,6 +496,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with serve_log_on_stderr():
         return run(args, argv)
+
+
+def kv_cache_of(engine: ContinuousEngine) -> str:
+    return engine.runner.loaded.settings.quantization.kv_cache
+
+
+def kv_bytes_per_token(engine: ContinuousEngine) -> int:
+    """Bytes one cached token takes over every layer (keys, values, scales): the cache's own tensors."""
+    cache = engine.runner.cache
+    return cache.bytes() // (cache.num_blocks * cache.block_size)
 
 
 @contextmanager
@@ -491,14 +528,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     loaded = load_from_arguments(args)
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cengine = continuous_engine(loaded, args)
-    continuous_setup_s = time.perf_counter() - t0
+    cengines, setup_s = {}, {}
+    for key, kv_cache in continuous_paths(args).items():
+        t0 = time.perf_counter()
+        cengines[key] = continuous_engine(loaded, args, kv_cache)
+        setup_s[key] = time.perf_counter() - t0
+    cengine = next(iter(cengines.values()), None)  # the one the arrival and sustained loads run on
     engines: dict[str, Engine] = {}
     if "generate" in args.engines:
         engines["engine"] = GenerateEngine(loaded)
-    if cengine is not None:
-        engines["continuous"] = cengine
+    engines.update(cengines)
     model = loaded.model
     params = sum(p.numel() for p in model.parameters())
     gpu = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None
@@ -506,21 +545,23 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
           f"of weights and buffers, {model.dtype}) on "
           f"{gpu or loaded.device} | torch {torch.__version__} | load {load_s:.1f}s | image {args.image_size} "
           f"| {args.new_tokens} new tokens | prompt {args.prompt!r}", flush=True)
-    if cengine is not None:
-        steps = cengine.runner.steps
-        print(f"continuous engine: {cengine.runner.slots} slots, {cengine.runner.max_len}-token sequences, "
-              f"{cengine.runner.cache.num_blocks} KV blocks of {cengine.runner.cache.block_size}, cuda_graphs="
-              f"{steps.use_graphs}, compile={steps.compiled}, set up in {continuous_setup_s:.1f}s "
-              f"({steps.captured} graphs captured)", flush=True)
+    for key, made in cengines.items():
+        steps, cache = made.runner.steps, made.runner.cache
+        print(f"{key} engine: {made.runner.slots} slots, {made.runner.max_len}-token sequences, "
+              f"{cache.num_blocks} KV blocks of {cache.block_size} (kv_cache {kv_cache_of(made)}: "
+              f"{kv_bytes_per_token(made)} bytes per token), cuda_graphs={steps.use_graphs}, "
+              f"compile={steps.compiled}, set up in {setup_s[key]:.1f}s ({steps.captured} graphs captured)",
+              flush=True)
     print(_HEADER, flush=True)
+    approximate = frozenset(key for key, made in cengines.items() if kv_cache_of(made) != "none")
     try:
-        result = run_levels(loaded, engines, cengine, args)
+        result = run_levels(loaded, engines, cengine, args, approximate)
     finally:
         for engine in engines.values():
             engine.close()
     if cengine is not None and args.cuda_graphs and not cengine.runner.steps.use_graphs:
         print("WARNING: the continuous engine ran without CUDA graphs (not CUDA, or a capture failed: see the log)")
-    for key in PATHS:
+    for key in engines:
         if all(key in lv for lv in result["levels"]):
             same = all(lv[f"outputs_equal_{key}"] for lv in result["levels"])
             print(f"greedy outputs of {key} == generate(): " + ("yes, at every level" if same else "NO"))
@@ -540,7 +581,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "max_slots": cengine.runner.slots, "max_len": cengine.runner.max_len,
             "cuda_graphs": cengine.runner.steps.use_graphs, "compile": cengine.runner.steps.compiled,
             "compile_mode": args.compile_mode if cengine.runner.steps.compiled else None,
-            "setup_s": continuous_setup_s, "graphs_captured": cengine.runner.steps.captured,
+            "setup_s": next(iter(setup_s.values())), "graphs_captured": cengine.runner.steps.captured,
+            "kv_cache": {key: {"format": kv_cache_of(made), "bytes_per_token": kv_bytes_per_token(made),
+                               "blocks": made.runner.cache.num_blocks} for key, made in cengines.items()},
         }} if cengine is not None else {}),
         **result,
     }
