@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import functools
+import itertools
 import json
 import os
 import re
@@ -182,18 +184,27 @@ def deployed(cluster: Cluster) -> Cluster:
     return cluster
 
 
-def noise_jpeg(size: tuple[int, int], seed: int) -> str:
-    """Random pixels: an image that costs real decoding and resizing work, unlike a flat color."""
+def noise_jpeg(size: tuple[int, int], seed: int, mark: int = 0) -> str:
+    """Random pixels: an image that costs real decoding and resizing work, unlike a flat color. `mark`
+    is drawn along its top edge, so each mark is another picture to the caches keyed by content, for
+    the price of the same noise."""
     import io
-    import random
 
     from PIL import Image
 
-    rng = random.Random(seed)
-    image = Image.frombytes("RGB", size, bytes(rng.getrandbits(8) for _ in range(size[0] * size[1] * 3)))
+    image = Image.frombytes("RGB", size, random_bytes(seed, size[0] * size[1] * 3))
+    for bit in range(24):  # the mark's bits as black or white 16-pixel squares, clear through JPEG's rounding
+        image.paste((255, 255, 255) if mark >> bit & 1 else (0, 0, 0), (16 * bit, 0, 16 * bit + 16, 16))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90)
     return data_url(buffer.getvalue(), "image/jpeg")
+
+
+@functools.cache
+def random_bytes(seed: int, count: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(count)
 
 
 def chat(base_url: str, images: list[str] | None = None, **extra) -> httpx.Response:
@@ -266,12 +277,14 @@ def test_metrics_reach_prometheus(deployed: Cluster) -> None:
 
 def test_replicas_scale_up_under_load_and_back_down(deployed: Cluster) -> None:
     stop = threading.Event()
-    pictures = [noise_jpeg((900, 700), seed) for seed in range(3)]
+    marks = itertools.count()  # new pictures every request: the prefix and encoder caches must not absorb the load
 
     def load() -> int:
         done = 0
         deadline = time.monotonic() + 90
         while not stop.is_set() and time.monotonic() < deadline:
+            mark = next(marks)
+            pictures = [noise_jpeg((900, 700), seed, mark) for seed in range(3)]
             chat(deployed.base_url, images=pictures, max_tokens=24, ignore_eos=True)
             done += 1
         return done
