@@ -11,10 +11,11 @@ import torch
 from engine.prompts import PreparedRequest
 
 
-def collate(batch: list[PreparedRequest], pad_token_id: int, pixel_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def collate(batch: list[PreparedRequest], pad_token_id: int, pixel_dtype: torch.dtype,
+            pixels: bool = True) -> dict[str, torch.Tensor]:
     """Left-padded inputs for `batch`, on the CPU: input_ids and attention_mask [rows, width], the
-    multimodal token types where any request has them, and every image's pixels (in `pixel_dtype`)
-    and patch grid, in request order."""
+    multimodal token types where any request has them, and every image's patch grid and (unless not
+    `pixels`: a prefill whose images all lie in cached blocks) its pixels in `pixel_dtype`, in request order."""
     width = max(r.prompt_tokens for r in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -28,8 +29,10 @@ def collate(batch: list[PreparedRequest], pad_token_id: int, pixel_dtype: torch.
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if any(r.mm_token_type_ids is not None for r in batch):
         inputs["mm_token_type_ids"] = mm_types
-    pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
-    if pixels:
-        inputs["pixel_values"] = torch.cat(pixels).to(pixel_dtype)
-        inputs["image_grid_thw"] = torch.tensor([g for r in batch for g in r.image_grid_thw])
+    grids = [g for r in batch if r.pixel_values is not None for g in r.image_grid_thw]
+    if grids:
+        inputs["image_grid_thw"] = torch.tensor(grids)
+        if pixels:
+            images = [r.pixel_values for r in batch if r.pixel_values is not None]
+            inputs["pixel_values"] = torch.cat(images).to(pixel_dtype)
     return inputs

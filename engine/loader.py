@@ -58,9 +58,10 @@ class LoadedModel:
         """The same model under settings with `update` applied (e.g. other continuous-engine options)."""
         return dataclasses.replace(self, settings=self.settings.model_copy(update=update))
 
-    def collate(self, batch: list[PreparedRequest], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """`batch` as left-padded model inputs on `device` (default: the model's)."""
-        inputs = collate(batch, self.pad_token_id, self.model.dtype)
+    def collate(self, batch: list[PreparedRequest], device: torch.device | None = None,
+                pixels: bool = True) -> dict[str, torch.Tensor]:
+        """`batch` as left-padded model inputs on `device` (default: the model's); see engine.collate."""
+        inputs = collate(batch, self.pad_token_id, self.model.dtype, pixels)
         return {k: v.to(device or self.device) for k, v in inputs.items()}
 
 

@@ -28,6 +28,7 @@ trusted after it), and the engine goes on with the next requests.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -120,6 +121,11 @@ class ContinuousEngine(InProcessEngine):
                     steps.compiled)
         if steps.use_graphs:
             self.call(lambda: self.runner.warmup(self.scheduler.buckets))
+        # What the load and warm-up made (the model's modules, the compiled code's objects) lives as long
+        # as the process: frozen, the collector never walks it again, so an oldest-generation collection
+        # on the engine thread stays short (vLLM's engine core does the same after its start).
+        gc.collect()
+        gc.freeze()
 
     # ---- requests -------------------------------------------------------------------------------
 

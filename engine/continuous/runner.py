@@ -203,7 +203,9 @@ class ModelRunner:
             needed += [True] * count if spans is None else [span.end > chunk.start for span in spans]
             hashes = request.image_hashes
             keys += [(request.cache_salt, h) for h in hashes] if len(hashes) == count else [None] * count
-        return self.decoder.embed_prompts(self.loaded.collate(requests, torch.device("cpu")), self.device,
+        # No pixels where no image is needed: a 1024x1024 image's are 25 MB to copy for nothing.
+        inputs = self.loaded.collate(requests, torch.device("cpu"), pixels=any(needed))
+        return self.decoder.embed_prompts(inputs, self.device,
                                           lambda pixels, grid: self._image_features(pixels, grid, needed, keys))
 
     def _image_features(self, pixels: torch.Tensor, grid: torch.Tensor, needed: list[bool],
@@ -243,10 +245,11 @@ class ModelRunner:
             offsets[j, :len(positions)] = positions % block_size
         write_blocks, write_offsets = self._to_device([blocks.tolist(), offsets.tolist()], torch.long)
         first = chunks[0]
-        context = None
+        context = bounds = None
         if first.start > 0:
             context = self._to_device([first.row.blocks[:blocks_for(first.end, block_size)]], torch.long)
-        return PromptChunk(first.start, width, write_blocks, write_offsets, context)
+            bounds = self._to_device([[0, width], [0, first.end]], torch.int32)
+        return PromptChunk(first.start, width, write_blocks, write_offsets, context, bounds)
 
     def _start(self, rows: list[SlotRow], first_slot: int, logits: torch.Tensor, rope_deltas: list[int]) -> Pending:
         """Fill the new slots' tables and state and sample each prompt's first token (on the device).
@@ -454,11 +457,12 @@ class ModelRunner:
         context): for warming up and measuring the prefill without touching any sequence."""
         # Blocks and offsets as two tensors, as they always are: passing one twice is another case to compile.
         blocks = torch.full((rows, width), SCRATCH_BLOCK, dtype=torch.long, device=self.device)
-        context = None
+        context = bounds = None
         if start > 0:
             context = torch.full((1, blocks_for(start + width, self.cache.block_size)), SCRATCH_BLOCK,
                                  dtype=torch.long, device=self.device)
-        return PromptChunk(start, width, blocks, blocks.clone(), context)
+            bounds = torch.tensor([[0, width], [0, start + width]], dtype=torch.int32, device=self.device)
+        return PromptChunk(start, width, blocks, blocks.clone(), context, bounds)
 
     def _last(self, rows: int, width: int) -> torch.Tensor:
         return torch.full((rows,), width - 1, dtype=torch.long, device=self.device)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb
 
+from engine.attention.continued_prompt import continued_prompt_attention
 from engine.attention.kv_format import KV_FORMATS, LayerCache
 from engine.attention.paged_decode import PagedDecodeAttention
 from engine.continuous.sampling import RowParams, choose, process
@@ -70,7 +71,7 @@ def unsupported_reason(model, kv_cache_quantization: str = "none") -> str | None
 
 # Not cuDNN's attention, which PyTorch picks first for prompts on an H100: it builds a plan for each new
 # (rows, width) shape, and served prompt passes rarely repeat a shape. FlashAttention has no per-shape
-# setup.
+# setup. (A continued prompt's attention: engine/attention/continued_prompt.py.)
 PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -137,13 +138,15 @@ class PromptChunk:
     """Where one prefill pass writes and what its attention reads, as the runner lays it out (on the
     device): columns start..start+width-1 of the prompts go to cache blocks `write_blocks` at offsets
     `write_offsets` [rows, width] (the scratch block for pad columns). With start > 0 (one row going on
-    with its prompt), attention also reads the row's earlier positions, through `context_blocks` [1, n]."""
+    with its prompt), attention also reads the row's earlier positions, through `context_blocks` [1, n],
+    of which `context_bounds` (engine/attention/continued_prompt.py) says how many count."""
 
     start: int
     width: int
     write_blocks: torch.Tensor
     write_offsets: torch.Tensor
     context_blocks: torch.Tensor | None = None
+    context_bounds: torch.Tensor | None = None
 
 
 class Glm4vDecoder:
@@ -239,13 +242,12 @@ class Glm4vDecoder:
             for layer, kv in zip(self.layers, self.cache.layers):
                 hidden = self._prompt_layer(layer, kv, hidden, cos, sin, chunk.write_blocks, chunk.write_offsets)
         else:
-            # Query t (position start + t) sees every position up to its own.
-            span = chunk.context_blocks.shape[1] * self.cache.block_size
-            visible = (torch.arange(span, device=hidden.device)[None, :]
-                       <= chunk.start + torch.arange(chunk.width, device=hidden.device)[:, None])[None, None]
+            # Its [2, 2] never changes; left dynamic, duck sizing would equate its 2 with any other
+            # size 2 of the first trace (say a 2-block context) and compile again when they differ.
+            torch._dynamo.mark_static(chunk.context_bounds)
             for layer, kv in zip(self.layers, self.cache.layers):
                 hidden = self._context_layer(layer, kv, hidden, cos, sin, chunk.write_blocks, chunk.write_offsets,
-                                             chunk.context_blocks, visible)
+                                             chunk.context_blocks, chunk.context_bounds)
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.lm_head(self.norm(final))
 
@@ -295,10 +297,19 @@ class Glm4vDecoder:
         """
         mask = inputs["attention_mask"]
         if "image_grid_thw" in inputs:
+            # Past the last image placeholder every token is text, one position further in all three
+            # components (pads are on the left), and the deltas are the same: transformers' walk, a
+            # Python loop over the tokens, stops there, and the rest is an arange.
+            types, width = inputs["mm_token_type_ids"], mask.shape[1]
+            images = types.any(0).nonzero()
+            cut = min(width, int(images[-1]) + 2) if len(images) else width
             positions, deltas = self.model.model.get_rope_index(
-                inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=inputs["image_grid_thw"], attention_mask=mask,
+                inputs["input_ids"][:, :cut], mm_token_type_ids=types[:, :cut],
+                image_grid_thw=inputs["image_grid_thw"], attention_mask=mask[:, :cut],
             )
+            if cut < width:
+                tail = positions[:, :, cut - 1:] + torch.arange(1, width - cut + 1)
+                positions = torch.cat([positions, tail], dim=2)
             return positions, [int(d) for d in deltas.view(-1)]
         # Text only: plain positions over the unpadded tokens, as generate() numbers them.
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -416,11 +427,11 @@ class Glm4vDecoder:
 
     def context_layer(self, layer, kv: LayerCache, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       write_blocks: torch.Tensor, write_offsets: torch.Tensor, context: torch.Tensor,
-                      visible: torch.Tensor) -> torch.Tensor:
+                      bounds: torch.Tensor) -> torch.Tensor:
         """Glm4vTextDecoderLayer.forward for a later chunk of one prompt [1, width, hidden], attention
         over its earlier positions too."""
         attended = self.context_attention(layer.self_attn, kv, layer.input_layernorm(hidden), cos, sin, write_blocks,
-                                          write_offsets, context, visible)
+                                          write_offsets, context, bounds)
         return self.feed_forward(layer, hidden, attended)
 
     @staticmethod
@@ -475,15 +486,11 @@ class Glm4vDecoder:
 
     def context_attention(self, attn, kv: LayerCache, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           write_blocks: torch.Tensor, write_offsets: torch.Tensor, context: torch.Tensor,
-                          visible: torch.Tensor) -> torch.Tensor:
+                          bounds: torch.Tensor) -> torch.Tensor:
         rows, width = x.shape[:2]
         q, k, v = self.project(attn, x, cos, sin)
         self.cache.format.store(kv, write_blocks, write_offsets, k, v)
-        # The earlier positions as the cache keeps them (dequantized from an int8 cache), this chunk's
-        # own included; the key/value heads repeated for their query heads (transformers' repeat_kv):
-        # an explicit mask rules FlashAttention out, and the memory-efficient kernel that takes one has no GQA.
-        groups = self.heads // self.kv_heads
+        # The earlier positions as the cache keeps them (dequantized from an int8 cache), this chunk's own included.
         keys, values = self.cache.format.load(kv, context, q.dtype)
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible, scale=self.scaling)
-        return attn.o_proj(out.transpose(1, 2).reshape(rows, width, self.heads * self.head_dim))
+        out = continued_prompt_attention(q, keys, values, bounds, self.scaling)
+        return attn.o_proj(out.reshape(rows, width, self.heads * self.head_dim))
