@@ -193,7 +193,12 @@ class ContinuousEngineSettings(_Settings):
         "evicted first: an image sent again whose tokens the prefix cache does not hold skips the vision "
         "encoder. 0: off.",
     )
-    cuda_graphs: bool = Field(False, description="Capture decode steps in CUDA graphs (CUDA only).")
+    cuda_graphs: bool = Field(
+        False,
+        description="Capture decode steps in CUDA graphs, and continued prompt chunks (a chat turn after its "
+        "cached prefix, a long prompt's later chunks) at bucketed sizes, each the first time it is needed "
+        "(CUDA only).",
+    )
     compile: bool = Field(False, description="torch.compile the decode step (then captured, with cuda_graphs).")
     compile_mode: str = Field(
         "default",

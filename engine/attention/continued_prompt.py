@@ -26,9 +26,10 @@ def continued_prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torc
 
     `keys` and `values` [1, kv_heads, span, head_dim] are heads-first views of the gathered blocks
     (KVFormat.load), the chunk's own keys and values already in them; of their positions only the
-    first `end` count. `bounds` [2, 2] int32 on the device is [[0, width], [0, end]]: the cumulative
-    query and key lengths, as varlen kernels take them. Query t (position end - width + t) sees key
-    positions 0..end - width + t. Query head g of kv head h is head h * groups + g. Traceable by
+    first `end` count. `bounds` [2, 2] int32 on the device is [[0, w], [0, end]]: the cumulative
+    query and key lengths, as varlen kernels take them; w is `width`, or less when the columns past w
+    are padding (their outputs are any finite values). Query t (position end - w + t) sees key
+    positions 0..end - w + t. Query head g of kv head h is head h * groups + g. Traceable by
     torch.compile with dynamic shapes (no host reads).
     """
     width, span = q.shape[1], keys.shape[2]
@@ -38,9 +39,12 @@ def continued_prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torc
             q[0], keys[0].transpose(0, 1), values[0].transpose(0, 1), bounds[0], bounds[1], width, span,
             0.0, True, False, scale=scale,
         )[0]
-        return out[None]
-    # The explicit mask: query t sees positions up to end - width + t.
-    first = (bounds[1, 1] - width).to(torch.long)
+        # Query rows past `bounds[0, 1]` (a CUDA graph's padding, prefill_graphs.py) are left unwritten by
+        # the kernel: zeros rather than whatever the memory held, so nothing non-finite flows on.
+        rows = torch.arange(width, device=q.device)[:, None, None]
+        return torch.where(rows < bounds[0, 1], out, 0.0)[None]
+    # The explicit mask: query t sees positions up to end - w + t.
+    first = (bounds[1, 1] - bounds[0, 1]).to(torch.long)
     visible = (torch.arange(span, device=q.device)[None, :]
                <= first + torch.arange(width, device=q.device)[:, None])[None, None]
     groups = q.shape[2] // keys.shape[1]

@@ -32,6 +32,7 @@ from engine.attention.paged_decode import decode_attention
 from engine.continuous.blocks import SCRATCH_BLOCK, blocks_for
 from engine.continuous.encoder_cache import EncoderCache
 from engine.continuous.graphs import StepRunner
+from engine.continuous.prefill_graphs import ContinuedChunkGraphs
 from engine.continuous.sampling import RowParams, choose, process
 from engine.continuous.scheduler import DecodeBatch, PrefillBatch, PrefillChunk, SlotMove, SlotRow
 from engine.continuous.slots import PagedKVCache, SlotState
@@ -105,6 +106,9 @@ class ModelRunner:
         self.decoder = Glm4vDecoder(model, self.cache, self.state, loaded.eos_token_ids, device,
                                     decode_attention(options.decode_attention, device, kv_format))
         self.steps = StepRunner(self.decoder, options, device)
+        # Continued prompt chunks (after a cached prefix, or a long prompt's later chunks) from CUDA graphs too.
+        self.prefill_graphs = (ContinuedChunkGraphs(self.decoder, options.max_prefill_tokens, max_blocks, device)
+                               if self.steps.use_graphs else None)
         self._seeds = random.Random()
         # The prompt whose prefill goes on in later passes, embedded once (its images encoded once).
         self._partial: tuple[SlotRow, PromptInputs] | None = None
@@ -180,7 +184,11 @@ class ModelRunner:
         padded tokens it ran."""
         width = max(chunk.end - chunk.start for chunk in chunks)
         last = self._to_device([[chunk.end - chunk.start - 1 for chunk in chunks]], torch.long)[0]
-        logits = self.decoder.prefill(prompts, self._layout(chunks, width), last)
+        layout = self._layout(chunks, width)
+        key = self.prefill_graphs.key(layout) if self.prefill_graphs is not None else None
+        logits = self._continued_from_graph(key, prompts, layout, last) if key is not None else None
+        if logits is None:
+            logits = self.decoder.prefill(prompts, layout, last)
         for j, chunk in enumerate(chunks):
             outputs[id(chunk.row)] = logits[j], prompts.rope_deltas[j]
             if not chunk.completes:
@@ -188,6 +196,18 @@ class ModelRunner:
             elif self._partial is not None and self._partial[0] is chunk.row:
                 self._partial = None
         return len(chunks) * width
+
+    def _continued_from_graph(self, key: tuple[int, int], prompts: PromptInputs, layout: PromptChunk,
+                              last: torch.Tensor) -> torch.Tensor | None:
+        """A continued chunk's logits from its CUDA graph; None (and no graphs from now on) if the
+        capture failed: serving on without them beats failing every cached turn."""
+        try:
+            return self.prefill_graphs.run(key, prompts, layout, last)
+        except Exception:
+            logger.exception("Capturing the continued-prompt graph %s failed: continued prompts run without "
+                             "CUDA graphs from now on", key)
+            self.prefill_graphs.enabled = False
+            return None
 
     def _embed(self, chunks: list[PrefillChunk]) -> PromptInputs:
         """The prompts of chunks that begin them, embedded together. An image whose placeholders all lie

@@ -15,6 +15,7 @@ import torch
 
 from demo.model import make_demo_model
 from engine.continuous.engine import ContinuousEngine
+from engine.continuous.prefill_graphs import ContinuedChunkGraphs
 from engine.continuous.runner import compiled_graphs, seed_key
 from engine.continuous.sampling import RowParams, penalize, sample
 from engine.detokenizer import Detokenizer
@@ -467,6 +468,23 @@ def test_the_forward_compiles_twice_for_every_batch_size_span_and_sampling_varia
         for rows, width, start in ((4, 285, 0), (1, 285, 0), (2, 32, 0), (8, 64, 0), (1, 20, 0), (5, 300, 0),
                                    (1, 64, 32), (1, 300, 500), (1, 16, 16)):
             compiled.call(lambda rows=rows, width=width, start=start: prompts(rows, width, start))
+        assert compiled_graphs() - before == 3
+
+        # Nor do the padded passes that CUDA graphs of continued chunks capture (prefill_graphs.py).
+        runner = compiled.runner
+        graphs = ContinuedChunkGraphs(runner.decoder, max_width=512, max_blocks=64, device=runner.device)
+
+        def padded(width: int, start: int) -> None:
+            ids = torch.full((1, start + width), engine.loaded.pad_token_id, dtype=torch.long)
+            embedded = runner.decoder.embed_prompts({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                                    runner.device)
+            chunk, last = runner.scratch_chunk(1, width, start), torch.tensor([width - 1])
+            key = graphs.key(chunk)
+            graphs.stage(key, embedded, chunk, last)
+            graphs.padded_pass(key)
+
+        for width, start in ((21, 40), (130, 100), (300, 500)):
+            compiled.call(lambda width=width, start=start: padded(width, start))
         assert compiled_graphs() - before == 3
     finally:
         compiled.close()

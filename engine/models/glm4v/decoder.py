@@ -234,10 +234,16 @@ class Glm4vDecoder:
         and values into the cache as `chunk` says; the logits [rows, vocab] at each row's column
         `last` [rows] (relative to chunk.start; the ones of rows whose prompt goes on are not used)."""
         columns = slice(chunk.start, chunk.start + chunk.width)
+        return self.run_columns(prompts.hidden[:, columns], prompts.positions[:, :, columns], chunk, last)
+
+    def run_columns(self, hidden: torch.Tensor, positions: torch.Tensor, chunk: PromptChunk,
+                    last: torch.Tensor) -> torch.Tensor:
+        """`prefill` on the chunk's own columns: `hidden` [rows, width, hidden] and `positions`
+        [3, rows, width] (views allowed); for engine/continuous/prefill_graphs.py to capture."""
         # A copy of its own, as every later layer's input is: a compiled layer guards on its input's
         # storage offset, and would compile again for the first layer's view into the prompts.
-        hidden = prompts.hidden[:, columns].clone()
-        cos, sin = self.language_model.rotary_emb(hidden, prompts.positions[:, :, columns])
+        hidden = hidden.clone()
+        cos, sin = self.language_model.rotary_emb(hidden, positions)
         if chunk.context_blocks is None:
             for layer, kv in zip(self.layers, self.cache.layers):
                 hidden = self._prompt_layer(layer, kv, hidden, cos, sin, chunk.write_blocks, chunk.write_offsets)

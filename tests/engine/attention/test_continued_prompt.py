@@ -54,3 +54,19 @@ def test_flash_attention_on_the_gpu_matches_the_reference(width: int, end: int, 
     torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=2e-2)
     compiled = torch.compile(continued_prompt_attention, dynamic=True, fullgraph=True)
     torch.testing.assert_close(compiled(q, keys, values, bounds, 0.125), out)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs CUDA"))])
+def test_padding_rows_past_the_true_width_change_nothing_and_stay_finite(device: str) -> None:
+    """A CUDA graph pads the chunk's columns to a bucket; `bounds` then holds the true width."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, keys, values, _, expected = case(21, 70, 80, kv_heads=2, groups=4, dtype=dtype, device=device)
+    padded = torch.cat([q, torch.full_like(q[:, :11], 3.0)], dim=1)  # 32 columns, 11 of them padding
+    bounds = torch.tensor([[0, 21], [0, 70]], dtype=torch.int32, device=device)
+    out = continued_prompt_attention(padded, keys, values, bounds, 0.125)
+    tolerance = 1e-5 if device == "cpu" else 2e-2
+    torch.testing.assert_close(out[:, :21].float().cpu(), expected, atol=tolerance, rtol=tolerance)
+    assert torch.isfinite(out[:, 21:]).all()
+    if device == "cuda":
+        assert not out[:, 21:].any()  # the kernel leaves those rows unwritten: zeroed
