@@ -13,6 +13,12 @@ Two engines over the same weights run the same turns: caches on (the defaults) a
 (`prefix_caching: false`, `encoder_cache_bytes: 0`). Reported per turn: prompt tokens, tokens taken
 from the cache, TTFT P50 of each and their ratio. `vlm-serve bench --multi-turn` does the same
 over HTTP against a server.
+
+Where a turn's time goes: `--phases` times the runner's prefill phases (collate, embed, the layers'
+pass, the first token's start; each ended by a device synchronisation, which slows the turn a
+little) and prints them per turn of the last conversation; `--profile` runs one more conversation and its
+last turn, on each engine, under torch.profiler (every thread: the engine's runs on its own) and
+prints the operators taking the most device and host time.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_model_arguments, load_from_arguments, make_image, parse_size
+from benchmarks.common import add_model_arguments, load_from_arguments, make_image, parse_size, sync
 from engine.continuous.engine import ContinuousEngine
 from engine.prompts import Prompter
 from serve_app.settings import ContinuousEngineSettings
@@ -80,6 +86,46 @@ def ttft(engine: ContinuousEngine, request) -> tuple[float, int]:
     return seen["t"] - started, int(seen.get("cached", 0))
 
 
+PHASES = [("engine.loader", "LoadedModel", "collate"), ("engine.continuous.runner", "ModelRunner", "_embed"),
+          ("engine.models.glm4v.decoder", "Glm4vDecoder", "prefill"),
+          ("engine.continuous.runner", "ModelRunner", "_start"), ("engine.continuous.runner", "ModelRunner", "prefill")]
+
+
+def time_phases(times: dict[str, list[float]]) -> None:
+    """Wrap each of PHASES so that its calls' seconds (device synchronised) are appended to times[name]."""
+    import functools
+    import importlib
+
+    for module, owner, name in PHASES:
+        cls = getattr(importlib.import_module(module), owner)
+        original = getattr(cls, name)
+
+        def timed(*args, _original=original, _label=f"{owner}.{name}", **kwargs):
+            sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            started = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                times.setdefault(_label, []).append(time.perf_counter() - started)
+
+        setattr(cls, name, functools.wraps(original)(timed))
+
+
+def profiled(engine: ContinuousEngine, request) -> None:
+    """One turn under torch.profiler, every thread's operators; the top ones printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=activities, experimental_config=config) as prof:
+        seconds, cached = ttft(engine, request)
+    print(f"--- profile: {request.prompt_tokens} prompt tokens, {cached} cached, TTFT {seconds * 1000:.1f} ms "
+          "(the whole request: its decode steps too)")
+    for key in (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["cpu_time_total"]:
+        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -91,7 +137,12 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--phases", action="store_true", help="time the runner's prefill phases (see above)")
+    parser.add_argument("--profile", action="store_true", help="profile the last turn (see above)")
     args = parser.parse_args()
+    phase_times: dict[str, list[float]] = {}
+    if args.phases:
+        time_phases(phase_times)
     loaded = load_from_arguments(args)
     prompter = Prompter(loaded.settings, loaded.processor)
     engines = {}
@@ -109,9 +160,19 @@ def main() -> None:
         turns = conversation_turns(loaded, prompter, args, seed=c)
         for turn, request in enumerate(turns):
             for name, engine in engines.items():
+                phase_times.clear()
                 seconds, cached = ttft(engine, request)
                 rows.append({"conversation": c, "turn": turn + 1, "engine": name, "ttft_s": seconds,
                              "prompt_tokens": request.prompt_tokens, "cached_tokens": cached})
+                if args.phases and c == args.conversations - 1:
+                    spent = "  ".join(f"{label} {sum(v) * 1000:.1f}" for label, v in phase_times.items())
+                    print(f"turn {turn + 1} {name}: TTFT {seconds * 1000:.1f} ms | phases, ms: {spent}")
+    if args.profile:  # one more conversation, its last turn profiled
+        turns = conversation_turns(loaded, prompter, args, seed=args.conversations)
+        for engine in engines.values():
+            for request in turns[:-1]:
+                ttft(engine, request)
+            profiled(engine, turns[-1])
     summary = []
     print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'TTFT on':>9} {'TTFT off':>9} {'ratio':>6}")
     for turn in range(1, args.turns + 1):
