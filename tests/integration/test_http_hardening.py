@@ -256,18 +256,12 @@ def test_an_empty_key_file_stops_the_start(tmp_path: Path) -> None:
     assert_refuses_to_start(tmp_path, {"api_keys_file": str(key_file)}, ["has no key: refusing to start"])
 
 
-# One malformed key per kind of start is enough here (a `serve run` each); every malformed form is
-# refused by the settings model, which tests/serve_app/test_auth.py checks one by one.
-@pytest.mark.parametrize(
-    ("keys", "expected"),
-    [
-        (["sk-ok", "team:sk-after-the-colon"], ["api_keys.1", "may not contain ':'"]),
-        ([{"name": "ops", "sha256": "zz" + sha256("sk-ops")[2:]}], ["api_keys.0.sha256", "64 hex digits"]),
-    ],
-    ids=["colon in a string key", "sha256 not hex"],
-)
-def test_a_malformed_key_stops_the_start_naming_its_position(tmp_path: Path, keys: list, expected: list[str]) -> None:
-    assert_refuses_to_start(tmp_path, {"api_keys": keys}, expected)
+def test_a_malformed_key_stops_the_start_naming_its_position(tmp_path: Path) -> None:
+    # One malformed key is enough here (a `serve run` costs a minute of CI): every malformed form is
+    # refused by the same settings model, which tests/serve_app/test_auth.py checks one by one.
+    keys = ["sk-ok", {"name": "ops", "sha256": "zz" + sha256("sk-ops")[2:]}, "team:sk-after-the-colon"]
+    assert_refuses_to_start(tmp_path, {"api_keys": keys},
+                            ["api_keys.1.sha256", "64 hex digits", "api_keys.2", "may not contain ':'"])
 
 
 # ---- the open server: who a client is -----------------------------------------------------------------
