@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 from PIL import Image
 from ray import serve
-from transformers import AutoImageProcessor
 
 from deployments.metrics import PreprocessMetrics
 from engine.checkpoints import checkpoint_source
 from engine.images.budget import DecodeBudget
 from engine.images.decode import OpenedImage, decode_opened, open_image
 from engine.images.fetch import load_image_bytes, make_client
-from engine.loader import DTYPES
 from serve_app.errors import ImageError, InvalidRequestError
 from serve_app.settings import ImageSettings, ModelSettings
 from serve_app.stage_types import ImageInput, PreprocessedImage
@@ -75,6 +73,12 @@ class Resolutions:
 @serve.deployment
 class ImagePreprocessor:
     def __init__(self, image_settings: ImageSettings, model_settings: ModelSettings) -> None:
+        # Imported here, not at the top: transformers and torch take seconds to import, and building the
+        # application (`serve run`, `serve deploy`) imports this module without processing an image.
+        from transformers import AutoImageProcessor
+
+        from engine.loader import DTYPES
+
         self._settings = image_settings
         self._processor = AutoImageProcessor.from_pretrained(checkpoint_source(model_settings))
         self._merge = getattr(self._processor, "merge_size", 1) ** 2

@@ -17,17 +17,18 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ray import serve
 
 from deployments.admission import AdmissionBudget, Cost
 from deployments.metrics import VLMMetrics
-from engine.factory import load_engine
-from engine.process.engine_process import EngineProcess
-from engine.prompts import PreparedRequest
 from engine.protocol import Engine, StepOutput
 from serve_app.settings import BatchSettings, ModelSettings
 from serve_app.stage_types import GenerationChunk, GenerationRequest, ModelInfo, PreprocessedImage
+
+if TYPE_CHECKING:
+    from engine.prompts import PreparedRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,6 +75,11 @@ class _Stream:
 @serve.deployment
 class VLMServer:
     def __init__(self, model_settings: ModelSettings, batching: BatchSettings | None = None) -> None:
+        # Imported here, not at the top: torch and transformers take seconds to import, and building the
+        # application (`serve run`, `serve deploy`) imports this module without running a model.
+        from engine.factory import load_engine
+        from engine.process.engine_process import EngineProcess
+
         # The engine's loop in a process of its own, or in a thread of this one (ModelSettings.engine_process).
         self._engine: Engine = (
             EngineProcess(model_settings) if model_settings.engine_process else load_engine(model_settings)
