@@ -207,13 +207,20 @@ def test_well_formed_requests_are_answered_during_the_attacks(keyed: ServeProces
 # ---- start-up refusals -----------------------------------------------------------------------------
 
 
-def assert_refuses_to_start(tmp_path: Path, ingress: dict, reasons: list[str], timeout: float = 300) -> None:
-    """`serve run` with `ingress` must log every one of `reasons` and never answer on /v1.
+def assert_refuses_to_start(tmp_path: Path, refusals: list[tuple[dict, list[str]]], timeout: float = 300) -> None:
+    """One `serve run` of one application per (ingress settings, reasons): each must be refused, logging
+    every one of its reasons, and none may ever answer on /v1.
 
-    A refused application does not end `serve run` (it keeps waiting for a redeploy), so the log is
-    watched for the reasons rather than for the process to exit.
+    The applications share the run (a `serve run` costs a minute of CI), each under its own route
+    prefix. A refused application does not end `serve run` (it keeps waiting for a redeploy), so the
+    log is watched for the reasons rather than for the process to exit.
     """
-    config = config_for_tests(free_port(), overrides={"ingress": ingress})
+    port = free_port()
+    config = config_for_tests(port)
+    config["applications"] = []
+    for n, (ingress, _) in enumerate(refusals):
+        app = config_for_tests(port, overrides={"ingress": ingress})["applications"][0]
+        config["applications"].append({**app, "name": f"refused-{n}", "route_prefix": f"/refused-{n}"})
     (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file:
@@ -222,46 +229,42 @@ def assert_refuses_to_start(tmp_path: Path, ingress: dict, reasons: list[str], t
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"},
         )
-    server = ServeProcess(process, config["http_options"]["port"], log_path)
+    server = ServeProcess(process, port, log_path)
+    reasons = [reason for _, wanted in refusals for reason in wanted]
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             log = server.log()
             if all(reason in log for reason in reasons):
                 return
-            try:
-                answer = httpx.get(f"{server.base_url}/v1/models", timeout=5)
-                assert answer.status_code not in (200, 401), f"the server started: GET /v1/models {answer.status_code}"
-            except httpx.HTTPError:
-                pass
+            for n in range(len(refusals)):
+                try:
+                    answer = httpx.get(f"{server.base_url}/refused-{n}/v1/models", timeout=5)
+                    assert answer.status_code not in (200, 401), f"application {n} started: {answer.status_code}"
+                except httpx.HTTPError:
+                    pass
             if process.poll() is not None:
                 pytest.fail(f"serve run exited without the reasons {reasons}:\n{log[-3000:]}")
             time.sleep(1)
-        pytest.fail(f"no refusal with {reasons} within {timeout}s:\n{server.log()[-3000:]}")
+        missing = [reason for reason in reasons if reason not in server.log()]
+        pytest.fail(f"no refusal with {missing} within {timeout}s:\n{server.log()[-3000:]}")
     finally:
         server.stop()
 
 
-def test_a_key_environment_variable_that_is_unset_stops_the_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_empty_unset_or_malformed_key_sources_stop_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLM_HARDENING_UNSET_KEYS", raising=False)
-    assert_refuses_to_start(tmp_path, {"api_keys_env": "VLM_HARDENING_UNSET_KEYS"},
-                            ["VLM_HARDENING_UNSET_KEYS, which is unset or holds no key", "allow_unauthenticated"])
-
-
-def test_an_empty_key_file_stops_the_start(tmp_path: Path) -> None:
     key_file = tmp_path / "keys.txt"
     key_file.write_text("# the keys go here\n\n")
-    assert_refuses_to_start(tmp_path, {"api_keys_file": str(key_file)}, ["has no key: refusing to start"])
-
-
-def test_a_malformed_key_stops_the_start_naming_its_position(tmp_path: Path) -> None:
-    # One malformed key is enough here (a `serve run` costs a minute of CI): every malformed form is
-    # refused by the same settings model, which tests/serve_app/test_auth.py checks one by one.
-    keys = ["sk-ok", {"name": "ops", "sha256": "zz" + sha256("sk-ops")[2:]}, "team:sk-after-the-colon"]
-    assert_refuses_to_start(tmp_path, {"api_keys": keys},
-                            ["api_keys.1.sha256", "64 hex digits", "api_keys.2", "may not contain ':'"])
+    # Every malformed form is refused by the same settings model, which tests/serve_app/test_auth.py
+    # checks one by one; here two of them, to see each named by its position.
+    malformed = ["sk-ok", {"name": "ops", "sha256": "zz" + sha256("sk-ops")[2:]}, "team:sk-after-the-colon"]
+    assert_refuses_to_start(tmp_path, [
+        ({"api_keys_env": "VLM_HARDENING_UNSET_KEYS"},
+         ["VLM_HARDENING_UNSET_KEYS, which is unset or holds no key", "allow_unauthenticated"]),
+        ({"api_keys_file": str(key_file)}, ["has no key: refusing to start"]),
+        ({"api_keys": malformed}, ["api_keys.1.sha256", "64 hex digits", "api_keys.2", "may not contain ':'"]),
+    ])
 
 
 # ---- the open server: who a client is -----------------------------------------------------------------
