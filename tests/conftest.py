@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,15 @@ from openai import OpenAI
 
 from tests.support.images import ImageServer
 from tests.support.serving import ServeProcess, config_for_tests, free_port, start_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and children inherit
+    # an ignored signal through exec: every `serve run` a test starts would then sit out the Ctrl-C that
+    # stops it (tests/support/serving.py) until it is killed a minute later. A handled SIGINT is reset
+    # to the default on exec, so Python in each child installs its KeyboardInterrupt handler again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

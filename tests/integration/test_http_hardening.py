@@ -12,20 +12,16 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.support.images import MODEL
-from tests.support.serving import ROOT, ServeProcess, config_for_tests, free_port, start_server
+from tests.support.serving import ServeProcess, config_for_tests, free_port, launch, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -221,15 +217,8 @@ def assert_refuses_to_start(tmp_path: Path, refusals: list[tuple[dict, list[str]
     for n, (ingress, _) in enumerate(refusals):
         app = config_for_tests(port, overrides={"ingress": ingress})["applications"][0]
         config["applications"].append({**app, "name": f"refused-{n}", "route_prefix": f"/refused-{n}"})
-    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ray.serve.scripts", "run", str(tmp_path / "serve_config.yaml")],
-            cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"},
-        )
-    server = ServeProcess(process, port, log_path)
+    server = launch(tmp_path, config)
+    process = server.process
     reasons = [reason for _, wanted in refusals for reason in wanted]
     try:
         deadline = time.monotonic() + timeout

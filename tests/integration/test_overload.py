@@ -26,7 +26,16 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.test_faults import (
-    SHORT, Outcome, call, client_for, image_part, percentile, record, replica_pids, rss_kib, tally,
+    SHORT,
+    Outcome,
+    call,
+    client_for,
+    image_part,
+    percentile,
+    record,
+    replica_pids,
+    rss_kib,
+    tally,
 )
 from tests.support.images import MODEL, data_url, png_bytes
 from tests.support.serving import ServeProcess, config_for_tests, free_port, start_server

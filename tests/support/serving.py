@@ -93,6 +93,25 @@ def session_processes(server: ServeProcess, matches: Callable[[list[bytes]], boo
     return sorted(pids)
 
 
+def launch(workdir: Path, config: dict, env: dict[str, str] | None = None) -> ServeProcess:
+    """`serve run` of `config` (written to WORKDIR/serve_config.yaml), its output in WORKDIR/serve.log;
+    not waited for."""
+    config_path = workdir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = workdir / "serve.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path)],
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # RAY_DEDUP_LOGS=0: tests read replica log lines, which Ray would otherwise fold together.
+            env={**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,  # its own process group, so stop() reaches every child
+        )
+    return ServeProcess(process, config["http_options"]["port"], log_path)
+
+
 def start_server(
     workdir: Path,
     config: dict,
@@ -100,20 +119,8 @@ def start_server(
     env: dict[str, str] | None = None,
     ready_check_headers: dict[str, str] | None = None,
 ) -> ServeProcess:
-    config_path = workdir / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log_path = workdir / "serve.log"
-    port = config["http_options"]["port"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path)],
-        cwd=ROOT,
-        stdout=open(log_path, "wb"),
-        stderr=subprocess.STDOUT,
-        # RAY_DEDUP_LOGS=0: tests read replica log lines, which Ray would otherwise fold together.
-        env={**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1", **(env or {})},
-        start_new_session=True,  # its own process group, so stop() reaches every child
-    )
-    server = ServeProcess(process, port, log_path)
+    server = launch(workdir, config, env)
+    process = server.process
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
