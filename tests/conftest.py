@@ -21,15 +21,43 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """The default application (serve_config.yaml) on a free port, shared by the session."""
-    process = start_server(tmp_path_factory.mktemp("serve"), config_for_tests(free_port()))
+def uses_default_server(item: pytest.Item) -> bool:
+    """Whether a test runs on the default application: it asks for `server` (itself, or through
+    `client` and the like), and its module defines no `server` of its own."""
+    return "server" in getattr(item, "fixturenames", ()) and not hasattr(getattr(item, "module", None), "server")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The modules on the default application run first, each whole and in the usual order otherwise,
+    # so that its `serve run` stops once they are done: idle, it still takes a fifth of a core (Ray's
+    # and Serve's control loops) from every test after them.
+    users = {item.module for item in items if uses_default_server(item)}
+    items.sort(key=lambda item: getattr(item, "module", None) not in users)
+
+
+_DEFAULT: dict[str, ServeProcess] = {}
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """The default application (serve_config.yaml) on a free port: started by the first module that
+    asks for it, kept for the next ones, stopped after the last (the modules run together, above)."""
+    process = _DEFAULT.get("server")
+    if process is None:
+        process = _DEFAULT["server"] = start_server(tmp_path_factory.mktemp("serve"), config_for_tests(free_port()))
     yield process
-    process.stop()
+    items = request.session.items
+    last = max(n for n, item in enumerate(items) if getattr(item, "module", None) is request.module)
+    if not any(uses_default_server(item) for item in items[last + 1:]):
+        _DEFAULT.pop("server").stop()
 
 
-@pytest.fixture(scope="session")
+def pytest_sessionfinish() -> None:
+    if "server" in _DEFAULT:  # the last module that asked for it never ran its tests
+        _DEFAULT.pop("server").stop()
+
+
+@pytest.fixture(scope="module")
 def client(server: ServeProcess) -> OpenAI:
     return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
