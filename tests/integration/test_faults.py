@@ -474,17 +474,19 @@ def kill_mid_traffic(
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
+        # Healing is watched while the clients of the kill are still in flight: waiting for their
+        # answers first would count how long the survivors take to finish as recovery time.
+        recovered_s = None
+        probe_client = client_for(server, timeout=15)
+        while time.monotonic() - killed_at < 2 * limit:
+            now = replica_pids(server, deployment)
+            healed = len(now) >= replicas and victim not in now
+            if healed and call(probe_client, content(98), False, **SHORT).kind == "ok":
+                recovered_s = time.monotonic() - killed_at
+                break
+            time.sleep(0.5)
         outcomes = [f.result(timeout=CLIENT_TIMEOUT_S + 30) for f in futures]
 
-    recovered_s = None
-    probe_client = client_for(server, timeout=15)
-    while time.monotonic() - killed_at < 2 * limit:
-        now = replica_pids(server, deployment)
-        healed = len(now) >= replicas and victim not in now
-        if healed and call(probe_client, content(98), False, **SHORT).kind == "ok":
-            recovered_s = time.monotonic() - killed_at
-            break
-        time.sleep(0.5)
     after: dict[str, int] = {}
     if recovered_s is not None:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
