@@ -39,7 +39,7 @@ from tests.support.serving import ServeProcess, config_for_tests, free_port, ses
 
 pytestmark = pytest.mark.integration
 
-# ---- helpers shared by the reliability modules (test_overload imports them) ---------
+# ---- helpers shared by the reliability modules (test_overload imports them) --------------------
 
 def _recovery_limit_s() -> float:
     """The issue's bound: healthy again within 30 s of a kill. A replacement replica is a new

@@ -4,7 +4,7 @@ and who a client is behind proxies. Each attack is followed by proof that the se
 
 Two servers, one after the other: `keyed` (API keys, a 64 KB body cap, one allowed CORS origin) and
 `open` (no keys, per-address rate limits, 127.0.0.2 as its trusted proxy). The start-up refusals
-each try a `serve run` of their own, which must exit.
+share one `serve run` of three applications, each of which must be refused and never answer.
 """
 
 from __future__ import annotations
