@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from engine.loader import DTYPES, LoadedModel, load_model, resolve_dtype
+from engine.quant.gptq_layout import pack_rows
 from engine.prompts import PreparedRequest, Prompter
 from serve_app.settings import ModelSettings, resolve_path
 from serve_app.stage_types import (
@@ -51,7 +52,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["float", *GPTQ_WEIGHTS], default="float",
                         help="with --random-glm46v-shape: gptq4/gptq8 serve the decoder linears as a GPTQ checkpoint "
                              "of 4/8 bits (group size 128) is served on this device")
-    parser.add_argument("--gptq-backend", default="auto", choices=["auto", "tinygemm", "gemlite"],
+    parser.add_argument("--gptq-backend", default="auto", choices=["auto", "tinygemm", "splitk", "gemlite"],
                         help="with --weights gptq*: our kernel to repack for (auto: tinygemm for 4 bits, gemlite for 8)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
     parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES])
@@ -242,10 +243,10 @@ class GPTQLinear(nn.Module):
         wg = w.float().reshape(out_f, groups, group_size)
         scale = (wg.abs().amax(-1) * 2 / top).clamp_min(1e-6).half().float()  # [out, groups], fp16 as stored
         ints = torch.clamp(torch.round(wg / scale[..., None]) + zero, 0, top).to(torch.int32)
-        q.qweight.copy_(_pack_rows(ints.reshape(out_f, in_f).t().contiguous(), bits))
+        q.qweight.copy_(pack_rows(ints.reshape(out_f, in_f).t().contiguous(), bits))
         q.scales.copy_(scale.t().to(torch.float16))
         zeros = torch.full((out_f, groups), zero - 1, dtype=torch.int32, device=w.device)  # v1 stores zero - 1
-        q.qzeros.copy_(_pack_rows(zeros, bits).t().contiguous())
+        q.qzeros.copy_(pack_rows(zeros, bits).t().contiguous())
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,18 +254,6 @@ class GPTQLinear(nn.Module):
 
         out = x.to(torch.bfloat16) @ GptqWeights.from_module(self).dequantized(torch.bfloat16).t()
         return out + self.bias if self.bias is not None else out
-
-
-def _pack_rows(ints: torch.Tensor, bits: int) -> torch.Tensor:
-    """[R, C] int32 of `bits`-bit values -> [R/p, C]: row p*i+k goes to bits b*k.. of row i."""
-    per = 32 // bits
-    r, c = ints.shape
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=ints.device)
-    parts = ints.reshape(r // per, per, c) << shifts[None, :, None]
-    packed = torch.zeros(r // per, c, dtype=torch.int32, device=ints.device)
-    for k in range(per):
-        packed |= parts[:, k, :]
-    return packed
 
 
 def quantize_language_model(model: nn.Module, group_size: int = 128, bits: int = 4) -> int:

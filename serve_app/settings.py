@@ -107,15 +107,16 @@ class BatchSettings(_Settings):
     )
 
 
-GptqBackend = Literal["auto", "tinygemm", "gemlite", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]
+GptqBackend = Literal["auto", "tinygemm", "splitk", "gemlite", "torch", "torch_int8", "torch_fused", "marlin", "triton", "exllama_v2"]
 
 
 class QuantizationSettings(_Settings):
     """How quantized weights load and whether the KV cache is quantized (a model YAML's `quantization:`)."""
 
     gptq_backend: GptqBackend = Field(
-        "auto", description="Kernel for GPTQ checkpoints: 'tinygemm' (PyTorch's int4 matmul, 4 bits; "
-        "engine/quant/int4_linear.py), 'gemlite' (gemlite's Triton kernels, 4 or 8 bits, CUDA, one copy of the "
+        "auto", description="Kernel for GPTQ checkpoints: 'splitk' (our split-K Triton kernel, 4 or 8 bits, CUDA, "
+        "the checkpoint's packed layout as it is; engine/quant/splitk_linear.py; auto's choice on CUDA), 'tinygemm' "
+        "(PyTorch's int4 matmul, 4 bits; engine/quant/int4_linear.py), 'gemlite' (gemlite's Triton kernels, 4 or 8 bits, CUDA, one copy of the "
         "weights; pip install gemlite) or one of gptqmodel's; 'auto' picks per device and bit width."
     )
     kv_cache: Literal["none", "int8", "int4"] = Field(

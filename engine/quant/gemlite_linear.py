@@ -8,9 +8,8 @@ continuous engine's torch.compile'd, CUDA-graph-captured decode step calls it li
 The autotuning runs at a shape's first call, which the engine's warm-up makes before any capture.
 
 Held once: the checkpoint's codes are repacked into gemlite's layout at load, and the GPTQ buffers
-are dropped. Fusing a layer's q, k and v projections (the decoder does, for one kernel where three
-small ones ran) happens on the unpacked codes, before gemlite packs them, so the fused layer is
-again the only copy; the three separate modules it replaces then call it and take their slice.
+are dropped. Fusing a layer's q, k and v projections (engine/quant/repack.py) happens on the
+unpacked codes, before gemlite packs them, so the fused layer is again the only copy.
 
 gemlite reads the GPU's name at import time (to pick its tuned configurations), so it is imported
 only where a CUDA device is present. Its tables cover the H100; a Hopper GPU it does not name (the
@@ -27,7 +26,8 @@ import os
 import torch
 from torch import nn
 
-from engine.quant.gptq_layout import GptqWeights, gptq_bits, is_gptq_layer, plain_group_order
+from engine.quant.gptq_layout import GptqWeights
+from engine.quant.repack import repack_layers, unsupported
 
 logger = logging.getLogger("ray.serve")
 
@@ -86,65 +86,14 @@ class GemliteLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
-class OutputSlice(nn.Module):
-    """One of the layers a fused layer replaced: the fused layer's output columns start..stop-1.
-    Only transformers' own forward (the generate() engine) calls these; the continuous engine calls
-    the fused layer once."""
-
-    def __init__(self, fused: GemliteLinear, start: int, stop: int) -> None:
-        super().__init__()
-        self.fused, self.start, self.stop = fused, start, stop
-        self.in_features, self.out_features = fused.in_features, stop - start
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused(x)[..., self.start:self.stop]
-
-
 def convertible(module: nn.Module) -> str | None:
     """Why a GPTQ layer cannot go to gemlite (None: it can)."""
-    bits = gptq_bits(module)
-    if bits not in BITS:
-        return f"{bits} bits (gemlite takes {' or '.join(map(str, BITS))} here)"
-    in_features = module.g_idx.shape[0]
-    groups = module.scales.shape[0]
-    group_size = in_features // groups
-    if group_size * groups != in_features or group_size % 32:
-        return f"group size {in_features}/{groups} (gemlite takes multiples of 32)"
-    if not plain_group_order(module, group_size):
-        return "permuted groups (desc_act)"
-    return None
-
-
-# Sibling projections that read the same input, fused into one layer (the decoder's attention).
-FUSED_SIBLINGS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+    return unsupported(module, "gemlite", BITS, 32)
 
 
 def repack_gptq(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
     """Replace every GPTQ layer of `model` that gemlite takes by a `GemliteLinear` for activations of
-    `dtype`, fusing each attention's q, k and v into a `qkv_proj` (see the module docstring); returns
-    how many GPTQ layers were replaced. The others keep their module, with a warning."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for fused_name, names in FUSED_SIBLINGS.items():
-            siblings = [getattr(parent, name, None) for name in names]
-            if all(s is not None and is_gptq_layer(s) and convertible(s) is None for s in siblings):
-                parts = [GptqWeights.from_module(s) for s in siblings]
-                fused = GemliteLinear.from_weights(GptqWeights.concat(parts), dtype, device)
-                setattr(parent, fused_name, fused)
-                start = 0
-                for name, part in zip(names, parts):
-                    setattr(parent, name, OutputSlice(fused, start, start + part.out_features))
-                    start += part.out_features
-                replaced += len(names)
-        for name, child in list(parent.named_children()):
-            if not is_gptq_layer(child):
-                continue
-            reason = convertible(child)
-            if reason is not None:
-                logger.warning("%s stays on gptqmodel's kernel: %s", name, reason)
-                continue
-            setattr(parent, name, GemliteLinear.from_weights(GptqWeights.from_module(child), dtype, device))
-            replaced += 1
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the GPTQ buffers just dropped, before the next layer's repack
-    return replaced
+    `dtype`, each attention's q, k and v fused into one (engine/quant/repack.py); returns how many
+    GPTQ layers were replaced."""
+    return repack_layers(model, lambda weights: GemliteLinear.from_weights(weights, dtype, device), convertible,
+                         device)

@@ -7,7 +7,8 @@ Small functions, no globals, no environment:
   picks and builds its kernel at load time, for the device it is loaded on). Empty for float
   checkpoints.
 - `prepare_model(model, source, device, settings)`: what a loaded GPTQ checkpoint needs before
-  serving: its layers repacked where the backend is `tinygemm`.
+  serving: its layers handed to one of our kernels (`splitk`, `tinygemm`, `gemlite`) where that is
+  the backend.
 - `generation_kwargs(settings)`: extra `GenerationConfig` fields: the quantized KV cache.
 
 Kernels ("auto"):
@@ -15,17 +16,20 @@ Kernels ("auto"):
 - CPU, 4 bits: `gptq_torch_fused` (aten's `_weight_int4pack_mm_for_cpu`).
   Both are plain PyTorch ops: nothing is compiled at load time. gptqmodel's own CPU "auto" choice
   JIT-builds a C++ extension and torch.compile's the dequantizer (minutes on a small machine).
-- CUDA, 4 bits: `tinygemm`, ours (engine/quant/int4_linear.py): the checkpoint loads through
-  gptqmodel's plain `torch` kernel and every layer is then repacked for PyTorch's own int4 matmul,
-  which runs inside the continuous engine's compiled, graph-captured decode step
-  (benchmarks/RESULTS.md has its speed).
-- CUDA, 8 bits: `gptq_marlin` (sym, fp16/bf16, Ampere or newer); gptqmodel builds the Marlin
-  extension on first use on each machine and caches it under ~/.cache/gptqmodel. `triton` is the
-  choice for hosts where building it is not wanted (set `gptq_backend: triton`).
+- CUDA, 4 or 8 bits: `splitk`, ours (engine/quant/splitk_linear.py): the checkpoint loads through
+  gptqmodel's plain `torch` kernel and every layer is then handed to our split-K Triton kernel on
+  the checkpoint's own packed layout (one copy of the weights), which runs inside the continuous
+  engine's compiled, graph-captured decode step. On the H200 it serves one sequence 1.34x (4 bits)
+  and 1.15x (8 bits) faster than bf16 (benchmarks/RESULTS.md).
+- CUDA, 4 bits, when asked (`gptq_backend: tinygemm`): PyTorch's own int4 matmul
+  (engine/quant/int4_linear.py): faster than `splitk` at 2 to 4 rows, much slower from 16, and it
+  keeps a second plain copy of the codes.
+- CUDA, 8 bits, when asked (`gptq_backend: marlin`): gptqmodel builds the Marlin extension with nvcc
+  on first use on each machine and caches it under ~/.cache/gptqmodel. `triton` is gptqmodel's
+  Triton kernel.
 - CUDA, 4 or 8 bits, when asked (`gptq_backend: gemlite`): gemlite's Triton kernels
-  (engine/quant/gemlite_linear.py), repacked at load with no second copy of the weights; they run
-  inside the continuous engine's captured step. Not the default: on the H200 they were slower than
-  tinygemm for one sequence and than bf16 at 32 rows (benchmarks/RESULTS.md).
+  (engine/quant/gemlite_linear.py), one copy of the weights, in the captured step; slower than
+  `splitk` on the H200.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ logger = logging.getLogger("ray.serve")
 GPTQ_BACKENDS: dict[str, str] = {
     "tinygemm": "gptq_torch",
     "gemlite": "gptq_torch",
+    "splitk": "gptq_torch",
     "torch": "gptq_torch",
     "torch_int8": "gptq_torch_int8",
     "torch_fused": "gptq_torch_fused",
@@ -74,7 +79,7 @@ def gptq_backend(bits: int, device: torch.device, requested: str = "auto") -> st
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "tinygemm" if bits == 4 else "marlin"
+        return "splitk"
     if device.type == "cpu":
         return "torch_int8" if bits == 8 else "torch_fused" if bits == 4 else "torch"
     return "auto"  # xpu, mps, ...: let gptqmodel choose
@@ -110,24 +115,27 @@ def load_kwargs(
 
 def prepare_model(model: torch.nn.Module, source: str | Path, device: torch.device | str,
                   settings: QuantizationSettings | None = None) -> None:
-    """What a loaded checkpoint needs before serving: GPTQ layers repacked for tinygemm or gemlite,
+    """What a loaded checkpoint needs before serving: GPTQ layers repacked for one of our kernels,
     where that is the backend (in place; nothing for other checkpoints)."""
     settings = settings or QuantizationSettings()
     repack(model, _checkpoint_backend(source, torch.device(device), settings), torch.device(device))
 
 
 def repack(model: torch.nn.Module, backend: str | None, device: torch.device) -> int:
-    """Repack `model`'s GPTQ layers for `backend` where it is one of ours (tinygemm, gemlite); returns
+    """Repack `model`'s GPTQ layers for `backend` where it is one of ours (tinygemm, gemlite, splitk); returns
     how many were repacked (0 for gptqmodel's own backends)."""
     if backend == "tinygemm":
         from engine.quant.int4_linear import repack_gptq
 
         # tinygemm takes bf16 activations on CUDA; the CPU kernel also takes the model's float32.
         count = repack_gptq(model, model.dtype if device.type == "cpu" else torch.bfloat16)
-    elif backend == "gemlite":
+    elif backend in ("gemlite", "splitk"):
         if device.type != "cuda":
-            raise ValueError("gptq_backend 'gemlite' needs a CUDA device")
-        from engine.quant.gemlite_linear import repack_gptq
+            raise ValueError(f"gptq_backend '{backend}' needs a CUDA device")
+        if backend == "gemlite":
+            from engine.quant.gemlite_linear import repack_gptq
+        else:
+            from engine.quant.splitk_linear import repack_gptq
 
         count = repack_gptq(model, torch.bfloat16 if model.dtype == torch.float32 else model.dtype, device)
     else:

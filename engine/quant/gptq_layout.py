@@ -26,6 +26,17 @@ def unpack_rows(packed: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return ((packed[:, None, :] >> shifts[None, :, None]) & mask).reshape(-1, packed.shape[1])
 
 
+def pack_rows(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """int32 [R*p, C] of `bits`-bit values -> int32 [R, C]: `unpack_rows`' inverse."""
+    p = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=codes.device)
+    grouped = codes.to(torch.int32).reshape(-1, p, codes.shape[1]) << shifts[None, :, None]
+    packed = torch.zeros(grouped.shape[0], codes.shape[1], dtype=torch.int32, device=codes.device)
+    for k in range(p):  # disjoint bits: OR them in (a sum would overflow int32 into the sign)
+        packed |= grouped[:, k]
+    return packed
+
+
 def unpack_columns(packed: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """int32 [R, C] of packed `bits`-bit values -> int32 [R, C*p]: column p*j+k from bits b*k.. of column j."""
     return unpack_rows(packed.t().contiguous(), bits).t().contiguous()

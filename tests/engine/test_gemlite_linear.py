@@ -14,7 +14,8 @@ from torch import nn
 
 from benchmarks.common import GPTQLinear
 from engine.quant import gemlite_linear
-from engine.quant.gemlite_linear import GemliteLinear, OutputSlice, convertible, repack_gptq
+from engine.quant.gemlite_linear import GemliteLinear, convertible, repack_gptq
+from engine.quant.repack import OutputSlice
 from engine.quant.gptq_layout import GptqWeights
 
 

@@ -238,10 +238,11 @@ def test_load_and_generation_kwargs(quantized, source: Path) -> None:
     assert load_kwargs(source, torch.device("cpu")) == {}  # float checkpoints load as before
     cpu8 = load_kwargs(quantized(8), torch.device("cpu"))
     assert cpu8["quantization_config"].backend == "gptq_torch_int8" and "device_map" not in cpu8
-    gpu8 = load_kwargs(quantized(8), torch.device("cuda"))
-    assert gpu8["quantization_config"].backend == "gptq_marlin" and gpu8["device_map"] == {"": "cuda:0"}
-    gpu4 = load_kwargs(quantized(4), torch.device("cuda"))  # the plain layout, repacked for tinygemm after loading
-    assert gpu4["quantization_config"].backend == "gptq_torch" and gpu4["device_map"] == {"": "cuda:0"}
+    for bits in (4, 8):  # the plain layout, handed to the split-K kernel after loading
+        gpu = load_kwargs(quantized(bits), torch.device("cuda"))
+        assert gpu["quantization_config"].backend == "gptq_torch" and gpu["device_map"] == {"": "cuda:0"}
+    marlin = load_kwargs(quantized(8), torch.device("cuda"), QuantizationSettings(gptq_backend="marlin"))
+    assert marlin["quantization_config"].backend == "gptq_marlin"
     chosen = load_kwargs(quantized(8), torch.device("cuda:1"), QuantizationSettings(gptq_backend="triton"))
     assert chosen["quantization_config"].backend == "gptq_triton" and chosen["device_map"] == {"": "cuda:1"}
     assert generation_kwargs(QuantizationSettings()) == {}
