@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -51,11 +52,25 @@ def unsupported(module: nn.Module, kernel: str, bits: tuple[int, ...], group_mul
     return None
 
 
-def repack_layers(model: nn.Module, make_layer: Callable[[GptqWeights], nn.Module],
-                  convertible: Callable[[nn.Module], str | None], device: torch.device) -> int:
+class PackedLayer(Protocol):
+    """A layer class of one of our kernels, made from unpacked GPTQ weights."""
+
+    @classmethod
+    def from_weights(cls, weights: GptqWeights, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """The layer on `device` for activations of `dtype`, holding its own packing of `weights`."""
+        ...
+
+
+def repack_layers(model: nn.Module, layer: type[PackedLayer], convertible: Callable[[nn.Module], str | None],
+                  dtype: torch.dtype, device: torch.device) -> int:
     """Replace every GPTQ layer of `model` that `convertible` accepts (it returns None, or why not)
-    by `make_layer(its unpacked weights)`, fusing sibling projections (see the module docstring);
-    returns how many GPTQ layers were replaced. The others keep their module, with a warning."""
+    by `layer.from_weights(its unpacked weights, dtype, device)`, fusing sibling projections (see the
+    module docstring); returns how many GPTQ layers were replaced. The others keep their module, with
+    a warning."""
+
+    def make_layer(weights: GptqWeights) -> nn.Module:
+        return layer.from_weights(weights, dtype, device)
+
     replaced = 0
     for parent in list(model.modules()):
         for fused_name, names in FUSED_SIBLINGS.items():

@@ -215,5 +215,4 @@ def repack_gptq(model: nn.Module, dtype: torch.dtype, device: torch.device) -> i
     """Replace every GPTQ layer of `model` the kernel takes by a `SplitKLinear` for activations of
     `dtype`, each attention's q, k and v fused into one (engine/quant/repack.py); returns how many
     GPTQ layers were replaced."""
-    return repack_layers(model, lambda weights: SplitKLinear.from_weights(weights, dtype, device), convertible,
-                         device)
+    return repack_layers(model, SplitKLinear, convertible, dtype, device)
