@@ -19,9 +19,11 @@ For 4-bit codes under bf16 activations the unpacking needs no conversion either:
 into the bits of bf16 128.0 (0x4300) is the bf16 number 128 + c, so the tile holds 128 + c and
 128 joins the zero point (Marlin's trick). fp16 uses 1024.0 (0x6400), exact for 8-bit codes too.
 
-Shares of K add into the output with atomics (bf16 or fp16 adds on Hopper), so the output must start
-at zero; one share (SPLIT_K = 1) stores it. A few rows split K into many shares so that every SM
-streams weights; many rows split it into few or none.
+Shares of K add into the output with atomics, so the output must start at zero; one share
+(split_k = 1) stores it. A few rows split K into many shares so that every SM streams weights;
+many rows split it into few or none. The adds are in the output's dtype (bf16 or fp16 atomics on
+Hopper), so each share's sum is rounded once more: that costs accuracy (benchmarks/RESULTS.md has
+the error), where adding in a float32 buffer would cost a zeroing and a cast kernel more per layer.
 """
 
 from __future__ import annotations

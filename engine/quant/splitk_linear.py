@@ -101,9 +101,9 @@ def config_for(rows: int, in_features: int, out_features: int, bits: int, group_
 
 def splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, bits: int, group_size: int,
-                  config: KernelConfig | None = None, fp32_accumulate: bool = False) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, W given as the kernel module describes.
-    `fp32_accumulate`: split-K shares add in a float32 buffer, cast after (else in x's dtype)."""
+                  config: KernelConfig | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] in x's dtype, W given as the kernel module describes (`config`:
+    the launch, else `config_for`'s). Split-K shares add into the output in x's dtype."""
     from engine.quant.splitk_kernel import splitk_gptq_gemv, splitk_gptq_matmul
 
     rows, in_features = x.shape
@@ -112,11 +112,7 @@ def splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if group_size % config.block_k or in_features % group_size:
         raise ValueError(f"BLOCK_K {config.block_k} must divide the group size {group_size}, and it {in_features}")
     atomic = config.split_k > 1
-    if atomic:
-        out = torch.zeros(rows, out_features, device=x.device,
-                          dtype=torch.float32 if fp32_accumulate else x.dtype)
-    else:
-        out = torch.empty(rows, out_features, device=x.device, dtype=x.dtype)
+    out = (torch.zeros if atomic else torch.empty)(rows, out_features, device=x.device, dtype=x.dtype)
     common = dict(BITS=bits, GROUP=group_size, HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_N=config.block_n,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     bias_or_any = bias if bias is not None else scales
@@ -131,7 +127,7 @@ def splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         splitk_gptq_matmul[grid](x, qweight, scales, zeros, bias_or_any, out, rows, out_features, in_features,
                                  x.stride(0), out.stride(0), config.split_k, MAGIC=magic, MAGIC_BASE=base,
                                  BLOCK_M=config.block_m, BLOCK_K=config.block_k, **common)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out
 
 
 def triton_cdiv(a: int, b: int) -> int:
