@@ -19,8 +19,9 @@ the interpreter has no bf16); elsewhere on the CPU the layer multiplies by its d
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,20 @@ from torch import nn
 
 from engine.quant.gptq_layout import GptqWeights, pack_rows, unpack_rows
 from engine.quant.repack import repack_layers, unsupported
+
+logger = logging.getLogger("ray.serve")
+
+
+def _out_of_resources() -> type[Exception]:
+    """Triton's error for a launch that needs more shared memory or registers than the GPU has."""
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # another Triton layout: nothing to catch
+        return type("NeverRaised", (Exception,), {})
+    return OutOfResources
+
+
+OUT_OF_RESOURCES = _out_of_resources()
 
 BITS = (4, 8)
 MAGIC = {  # (dtype, bits) -> (bit pattern of the base, the base): see the kernel module's docstring
@@ -102,13 +117,52 @@ def config_for(rows: int, in_features: int, out_features: int, bits: int, group_
 def splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, bits: int, group_size: int,
                   config: KernelConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, W given as the kernel module describes (`config`:
-    the launch, else `config_for`'s). Split-K shares add into the output in x's dtype."""
+    """x [M, K] @ W.T -> [M, N] in x's dtype, W given as the kernel module describes. `config`: the
+    launch, which must fit the GPU; without one, `config_for`'s, made smaller until it fits (see
+    `smaller`). Split-K shares add into the output in x's dtype."""
+    rows, in_features = x.shape
+    out_features = qweight.shape[1]
+    if config is not None:
+        return _launch(config, x, qweight, scales, zeros, bias, bits, group_size)
+    key = (bits, rows_bucket(rows), in_features, out_features, group_size, x.device)
+    config = _FITTED.get(key) or config_for(rows, in_features, out_features, bits, group_size)
+    while True:
+        try:
+            out = _launch(config, x, qweight, scales, zeros, bias, bits, group_size)
+        except OUT_OF_RESOURCES:
+            fallback = smaller(config)
+            if fallback is None:
+                raise
+            logger.warning("split-K launch %s does not fit this GPU; trying %s", config, fallback)
+            config = fallback
+            continue
+        _FITTED[key] = config
+        return out
+
+
+# The launch that fitted, per (bits, rows bucket, in, out, group size, device): the tuned table is
+# measured on an H200, whose 227 KiB of shared memory a smaller GPU may not have.
+_FITTED: dict[tuple, KernelConfig] = {}
+
+
+def smaller(config: KernelConfig) -> KernelConfig | None:
+    """The next launch to try when `config` needs more shared memory or registers than the GPU has:
+    fewer pipeline stages, then narrower tiles; None when nothing is left to shrink."""
+    if config.num_stages > 1:
+        return replace(config, num_stages=config.num_stages - 1)
+    if config.block_n > 32:
+        return replace(config, block_n=config.block_n // 2, num_stages=2)
+    if config.block_m > 16:
+        return replace(config, block_m=config.block_m // 2, num_stages=2)
+    return None
+
+
+def _launch(config: KernelConfig, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+            zeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
     from engine.quant.splitk_kernel import splitk_gptq_gemv, splitk_gptq_matmul
 
     rows, in_features = x.shape
     out_features = qweight.shape[1]
-    config = config or config_for(rows, in_features, out_features, bits, group_size)
     if group_size % config.block_k or in_features % group_size:
         raise ValueError(f"BLOCK_K {config.block_k} must divide the group size {group_size}, and it {in_features}")
     atomic = config.split_k > 1

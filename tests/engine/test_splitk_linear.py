@@ -49,6 +49,33 @@ def test_the_layer_holds_the_checkpoint_codes_once(bits: int) -> None:
     assert stored <= 1.05 * checkpoint + packed.scales.numel() * 2  # float32 scales here; bf16 on the GPU
 
 
+def test_a_launch_too_big_for_the_gpu_shrinks_until_it_fits_and_is_remembered(monkeypatch) -> None:
+    from engine.quant import splitk_linear
+
+    tried: list[KernelConfig] = []
+
+    def launch(config, x, *rest):  # a GPU with little shared memory: one stage and 64 columns at most
+        tried.append(config)
+        if config.num_stages > 1 or config.block_n > 64:
+            raise splitk_linear.OUT_OF_RESOURCES(300_000, 232_448, "shared memory")
+        return torch.zeros(x.shape[0], 96)
+
+    monkeypatch.setattr(splitk_linear, "_launch", launch)
+    monkeypatch.setattr(splitk_linear, "_FITTED", {})
+    monkeypatch.setattr(splitk_linear, "config_for", lambda *a: KernelConfig(16, 256, 64, 4, 4, 3))
+    x, words = torch.randn(8, 256), torch.zeros(32, 96, dtype=torch.int32)
+    splitk_matmul(x, words, torch.ones(4, 96), torch.zeros(4, 96), None, 4, 64)
+    fitted = tried[-1]
+    assert (fitted.block_n, fitted.num_stages) == (64, 1) and fitted.split_k == 4 and len(tried) > 3
+    tried.clear()
+    splitk_matmul(x, words, torch.ones(4, 96), torch.zeros(4, 96), None, 4, 64)
+    assert tried == [fitted]  # the next call of that shape starts from what fitted
+    with pytest.raises(splitk_linear.OUT_OF_RESOURCES):  # an explicit launch is the caller's to fit
+        splitk_matmul(x, words, torch.ones(4, 96), torch.zeros(4, 96), None, 4, 64, KernelConfig(16, 128, 64, 1, 4, 2))
+    smallest = KernelConfig(16, 32, 64, 1, 4, 1)
+    assert splitk_linear.smaller(smallest) is None  # the shrinking ends
+
+
 def test_a_prompts_rows_multiply_the_dequantized_weight(monkeypatch) -> None:
     from engine.quant import splitk_linear
 
