@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from engine.loader import DTYPES, LoadedModel, load_model, resolve_dtype
-from engine.quant.gptq_layout import pack_rows
 from engine.prompts import PreparedRequest, Prompter
+from engine.quant.gptq_layout import pack_rows
 from serve_app.settings import ModelSettings, resolve_path
 from serve_app.stage_types import (
     GenerationRequest,
@@ -53,7 +53,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --random-glm46v-shape: gptq4/gptq8 serve the decoder linears as a GPTQ checkpoint "
                              "of 4/8 bits (group size 128) is served on this device")
     parser.add_argument("--gptq-backend", default="auto", choices=["auto", "tinygemm", "splitk", "gemlite"],
-                        help="with --weights gptq*: our kernel to repack for (auto: tinygemm for 4 bits, gemlite for 8)")
+                        help="with --weights gptq*: our kernel to repack for (auto: the server's choice on CUDA, splitk; "
+                             "tinygemm on the CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the model config's / auto)")
     parser.add_argument("--dtype", default=None, choices=["auto", *DTYPES])
     parser.add_argument("--seed", type=int, default=0)
@@ -93,9 +94,13 @@ def random_glm46v_model(device: torch.device, dtype: torch.dtype, tiny: bool = F
     name = "glm-4.6v-flash-random" + (f"-{weights}" if weights != "float" else "") + ("-tiny" if tiny else "")
     if weights in GPTQ_WEIGHTS:
         bits = GPTQ_WEIGHTS[weights]
-        # Our own kernels (gptqmodel's need its modules, which these layers are not): the server's choice
-        # for 4 bits, tinygemm; gemlite for 8.
-        gptq_weights(model, bits, gptq_backend if gptq_backend != "auto" else "tinygemm" if bits == 4 else "gemlite")
+        # Our own kernels (gptqmodel's need its modules, which these layers are not): on CUDA the server's
+        # choice (engine/quant/gptq.py); on the CPU, tinygemm's CPU twin, the one of ours that runs there.
+        if gptq_backend == "auto":
+            from engine.quant.gptq import gptq_backend as server_choice
+
+            gptq_backend = server_choice(bits, device) if device.type == "cuda" else "tinygemm"
+        gptq_weights(model, bits, gptq_backend)
     settings = ModelSettings(id=name, path="(random weights)", device=str(device),
                              dtype={v: k for k, v in DTYPES.items()}[dtype], max_model_len=16384)
     return LoadedModel(settings, model, processor, device)

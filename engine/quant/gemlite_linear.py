@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from engine.quant.gptq_layout import GptqWeights
-from engine.quant.repack import repack_layers, unsupported
+from engine.quant.repack import unsupported
 
 logger = logging.getLogger("ray.serve")
 
@@ -89,10 +89,3 @@ class GemliteLinear(nn.Module):
 def convertible(module: nn.Module) -> str | None:
     """Why a GPTQ layer cannot go to gemlite (None: it can)."""
     return unsupported(module, "gemlite", BITS, 32)
-
-
-def repack_gptq(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Replace every GPTQ layer of `model` that gemlite takes by a `GemliteLinear` for activations of
-    `dtype`, each attention's q, k and v fused into one (engine/quant/repack.py); returns how many
-    GPTQ layers were replaced."""
-    return repack_layers(model, GemliteLinear, convertible, dtype, device)

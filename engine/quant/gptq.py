@@ -132,12 +132,17 @@ def repack(model: torch.nn.Module, backend: str | None, device: torch.device) ->
     elif backend in ("gemlite", "splitk"):
         if device.type != "cuda":
             raise ValueError(f"gptq_backend '{backend}' needs a CUDA device")
-        if backend == "gemlite":
-            from engine.quant.gemlite_linear import repack_gptq
-        else:
-            from engine.quant.splitk_linear import repack_gptq
+        from engine.quant.repack import repack_layers
 
-        count = repack_gptq(model, torch.bfloat16 if model.dtype == torch.float32 else model.dtype, device)
+        if backend == "gemlite":
+            from engine.quant.gemlite_linear import GemliteLinear as layer
+            from engine.quant.gemlite_linear import convertible
+        else:
+            from engine.quant.splitk_linear import SplitKLinear as layer
+            from engine.quant.splitk_linear import convertible
+        # Each attention's q, k and v become one layer (engine/quant/repack.py).
+        dtype = torch.bfloat16 if model.dtype == torch.float32 else model.dtype
+        count = repack_layers(model, layer, convertible, dtype, device)
     else:
         return 0
     logger.info("Repacked %d GPTQ layers for %s", count, backend)

@@ -1,10 +1,13 @@
 """A split-K Triton matmul of activations by GPTQ's packed integer weights: y = x @ W.T.
 
 Why our own: the decode step reads every weight once per token, so its speed is the weights' bytes
-over the bandwidth the kernel streams them at. On the H200, tinygemm and gemlite streamed int4 at
-1.1-1.9 TB/s for one row and gemlite at 0.4 TB/s for 32 rows, where a copy runs at 4.2
-(benchmarks/RESULTS.md). Marlin needs an nvcc build on each machine. This kernel is small enough
-to read and is tuned on the H200's own shapes (benchmarks/quant_matmul.py --sweep).
+over the bandwidth the kernel streams them at. tinygemm keeps a second copy of the codes and falls
+back to dequantizing beyond 16 rows, gemlite was slower still on the H200 (benchmarks/RESULTS.md),
+and Marlin needs an nvcc build on each machine. These kernels are short enough to read and are
+tuned on the H200's own shapes (benchmarks/quant_matmul.py --sweep).
+
+Two kernels: `splitk_gptq_gemv` for 1-4 rows a program, on the CUDA cores (its docstring), and
+`splitk_gptq_matmul` for 16 rows or more, on the tensor cores (below).
 
 The weights stay in the checkpoint's layout, so nothing is repacked into tiles:
 - `qweight` int32 [K / p, N], p = 32 // bits codes a word: input row p*i+j in bits bits*j.. of row i;

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from engine.quant.gptq_layout import GptqWeights, pack_rows, unpack_rows
-from engine.quant.repack import repack_layers, unsupported
+from engine.quant.repack import unsupported
 
 logger = logging.getLogger("ray.serve")
 
@@ -86,8 +86,7 @@ GEMV_MAX_ROWS = 4  # the GEMV kernel's most rows per program
 # From this many rows (a prompt's chunk) the layer makes its weight in bf16 and multiplies with
 # cuBLAS: dequantizing costs about one write and one read of the bf16 weight, whatever the rows, and
 # cuBLAS at these sizes is compute-bound where the Triton GEMM dequantizes each tile again for every
-# block of rows. On the H200 (benchmarks/RESULTS.md), a step of 512 rows took 38.6 ms of linears on
-# the kernel against 11.4 ms in bf16, and a step of 128 rows 12.6 ms against 5.2.
+# block of rows (the H200's figures at 128 and 512 rows: benchmarks/RESULTS.md).
 DEQUANTIZE_MIN_ROWS = 256
 
 
@@ -259,10 +258,3 @@ class SplitKLinear(nn.Module):
 def convertible(module: nn.Module) -> str | None:
     """Why a GPTQ layer cannot become a `SplitKLinear` (None: it can)."""
     return unsupported(module, "the split-K kernel", BITS, 16)
-
-
-def repack_gptq(model: nn.Module, dtype: torch.dtype, device: torch.device) -> int:
-    """Replace every GPTQ layer of `model` the kernel takes by a `SplitKLinear` for activations of
-    `dtype`, each attention's q, k and v fused into one (engine/quant/repack.py); returns how many
-    GPTQ layers were replaced."""
-    return repack_layers(model, SplitKLinear, convertible, dtype, device)

@@ -14,9 +14,9 @@ from torch import nn
 
 from benchmarks.common import GPTQLinear
 from engine.quant import gemlite_linear
-from engine.quant.gemlite_linear import GemliteLinear, convertible, repack_gptq
-from engine.quant.repack import OutputSlice
+from engine.quant.gemlite_linear import GemliteLinear, convertible
 from engine.quant.gptq_layout import GptqWeights
+from engine.quant.repack import OutputSlice, repack_layers
 
 
 class Reference(nn.Module):
@@ -41,6 +41,10 @@ def reference_packing(monkeypatch):
     return packed
 
 
+def repack_gptq(model: nn.Module) -> int:
+    return repack_layers(model, GemliteLinear, convertible, torch.float32, torch.device("cpu"))
+
+
 def gptq(in_features: int, out_features: int, bits: int = 4, seed: int = 0) -> GPTQLinear:
     torch.manual_seed(seed)
     return GPTQLinear.from_linear(nn.Linear(in_features, out_features, bias=False), group_size=64, bits=bits)
@@ -60,7 +64,7 @@ def test_q_k_v_become_one_layer_and_each_projection_its_slice(reference_packing,
     x = torch.randn(3, 128)
     expected = {name: x @ GptqWeights.from_module(getattr(attn, name)).dequantized().t()
                 for name in ("q_proj", "k_proj", "v_proj")}
-    assert repack_gptq(model, torch.float32, torch.device("cpu")) == 4
+    assert repack_gptq(model) == 4
     assert isinstance(attn.qkv_proj, GemliteLinear) and attn.qkv_proj.out_features == 128
     assert isinstance(attn.o_proj, GemliteLinear)
     assert len(reference_packing) == 2  # one packing for q/k/v together, one for o: no second copy
@@ -79,7 +83,7 @@ def test_layers_gemlite_cannot_take_keep_their_module(reference_packing) -> None
     permuted.g_idx = permuted.g_idx.flip(0)  # desc_act's reordering
     assert "permuted" in convertible(permuted)
     model = nn.Sequential(odd, permuted, gptq(128, 32))
-    assert repack_gptq(model, torch.float32, torch.device("cpu")) == 1
+    assert repack_gptq(model) == 1
     assert model[0] is odd and model[1] is permuted and isinstance(model[2], GemliteLinear)
 
 

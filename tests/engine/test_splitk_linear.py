@@ -18,10 +18,14 @@ from torch import nn
 
 from benchmarks.common import GPTQLinear
 from engine.quant.gptq_layout import GptqWeights, pack_rows, unpack_rows
-from engine.quant.repack import OutputSlice
-from engine.quant.splitk_linear import KernelConfig, SplitKLinear, config_for, convertible, repack_gptq, splitk_matmul
+from engine.quant.repack import OutputSlice, repack_layers
+from engine.quant.splitk_linear import KernelConfig, SplitKLinear, config_for, convertible, splitk_matmul
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def repack_gptq(model: nn.Module) -> int:
+    return repack_layers(model, SplitKLinear, convertible, torch.float32, torch.device("cpu"))
 
 
 def gptq(in_features: int, out_features: int, bits: int = 4, seed: int = 0, group_size: int = 64,
@@ -98,7 +102,7 @@ def test_q_k_v_become_one_layer_and_each_projection_its_slice(bits: int) -> None
     x = torch.randn(3, 128)
     expected = {name: x @ GptqWeights.from_module(getattr(attn, name)).dequantized().t()
                 for name in ("q_proj", "k_proj", "v_proj")}
-    assert repack_gptq(model, torch.float32, torch.device("cpu")) == 4
+    assert repack_gptq(model) == 4
     assert isinstance(attn.qkv_proj, SplitKLinear) and attn.qkv_proj.out_features == 128
     assert isinstance(attn.o_proj, SplitKLinear)
     for name, want in expected.items():
@@ -117,7 +121,7 @@ def test_layers_the_kernel_cannot_take_keep_their_module() -> None:
     permuted.g_idx = permuted.g_idx.flip(0)
     assert "permuted" in convertible(permuted)
     model = nn.Sequential(odd, permuted, gptq(128, 32))
-    assert repack_gptq(model, torch.float32, torch.device("cpu")) == 1
+    assert repack_gptq(model) == 1
     assert model[0] is odd and model[1] is permuted and isinstance(model[2], SplitKLinear)
 
 
