@@ -6,8 +6,9 @@ back to dequantizing beyond 16 rows, gemlite was slower still on the H200 (bench
 and Marlin needs an nvcc build on each machine. These kernels are short enough to read and are
 tuned on the H200's own shapes (benchmarks/quant_matmul.py --sweep).
 
-Two kernels: `splitk_gptq_gemv` for 1-4 rows a program, on the CUDA cores (its docstring), and
-`splitk_gptq_matmul` for 16 rows or more, on the tensor cores (below).
+Two kernels: `splitk_gptq_gemv` for 1-4 rows a program, on the CUDA cores (its docstring; 4-bit
+codes under bf16 go through packed bf16x2 PTX there), and `splitk_gptq_matmul` for 16 rows or
+more, on the tensor cores (below).
 
 The weights stay in the checkpoint's layout, so nothing is repacked into tiles:
 - `qweight` int32 [K / p, N], p = 32 // bits codes a word: input row p*i+j in bits bits*j.. of row i;
@@ -99,17 +100,21 @@ def splitk_gptq_gemv(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, split_k,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """Up to 4 rows of x per program, without the tensor cores: grid (cdiv(N, BLOCK_N), split_k,
     cdiv(M, ROWS)). A tile is BLOCK_WORDS rows of words (BLOCK_WORDS * 32 / BITS inputs, within one
     group); each word's codes are decoded once for the program's rows.
 
-    A code c becomes a float with two integer instructions and no conversion (which runs at a quarter
-    of the rate): shifted into the top BITS of a float's mantissa and OR'ed into the bits of 1.0, it
-    reads 1 + c / 2**BITS. So sum_k x * c = 2**BITS * (sum_k x * that - sum_k x), and 2**BITS joins
-    the zero point. The products stay in a [BLOCK_WORDS, BLOCK_N] accumulator per row, summed over the
-    words once, after the loop."""
+    Two ways to decode, neither with a conversion instruction (which runs at a quarter of the rate):
+    - PAIRS (4 bits, bf16, CUDA: see _BF16_PAIRS): two codes a register, decoded, offset and
+      multiplied in packed bf16 arithmetic, which issues about half the instructions a code.
+    - Otherwise one code a float32: shifted into the top BITS of its mantissa and OR'ed into the bits
+      of 1.0, it reads 1 + c / 2**BITS. So sum_k x * c = 2**BITS * (sum_k x * that - sum_k x), and
+      2**BITS joins the zero point. This is the road for 8 bits, fp16 and Triton's interpreter
+      (which runs no PTX).
+    The products stay in a [BLOCK_WORDS, BLOCK_N] accumulator per row, summed over the words once,
+    after the loop."""
     PACK: tl.constexpr = 32 // BITS
     SCALE: tl.constexpr = 1 << BITS
     TOP: tl.constexpr = 23 - BITS  # where a code's lowest bit goes in the float's mantissa
@@ -134,16 +139,27 @@ def splitk_gptq_gemv(
         packed = tl.load(qweight_ptr + (w0 + words)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         group = (w0 * PACK) // GROUP
         scales = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        zeros = tl.load(zeros_ptr + group * N + offs_n, mask=n_mask, other=0).to(tl.float32) + SCALE
-        acc0 = _gemv_row(acc0, packed, x_ptr, row0, M, stride_xm, w0, words, scales, zeros, BITS, PACK, SCALE, TOP)
-        if ROWS > 1:
-            acc1 = _gemv_row(acc1, packed, x_ptr, row0 + 1, M, stride_xm, w0, words, scales, zeros, BITS, PACK,
-                             SCALE, TOP)
-        if ROWS > 2:
-            acc2 = _gemv_row(acc2, packed, x_ptr, row0 + 2, M, stride_xm, w0, words, scales, zeros, BITS, PACK,
-                             SCALE, TOP)
-            acc3 = _gemv_row(acc3, packed, x_ptr, row0 + 3, M, stride_xm, w0, words, scales, zeros, BITS, PACK,
-                             SCALE, TOP)
+        zeros = tl.load(zeros_ptr + group * N + offs_n, mask=n_mask, other=0)
+        if PAIRS:
+            d0, d1, d2, d3 = _bf16_pairs(packed, zeros)
+            acc0 = _pairs_row(acc0, d0, d1, d2, d3, x_ptr, row0, M, stride_xm, w0, words, scales)
+            if ROWS > 1:
+                acc1 = _pairs_row(acc1, d0, d1, d2, d3, x_ptr, row0 + 1, M, stride_xm, w0, words, scales)
+            if ROWS > 2:
+                acc2 = _pairs_row(acc2, d0, d1, d2, d3, x_ptr, row0 + 2, M, stride_xm, w0, words, scales)
+                acc3 = _pairs_row(acc3, d0, d1, d2, d3, x_ptr, row0 + 3, M, stride_xm, w0, words, scales)
+        else:
+            zeros = zeros.to(tl.float32) + SCALE
+            acc0 = _gemv_row(acc0, packed, x_ptr, row0, M, stride_xm, w0, words, scales, zeros, BITS, PACK, SCALE,
+                             TOP)
+            if ROWS > 1:
+                acc1 = _gemv_row(acc1, packed, x_ptr, row0 + 1, M, stride_xm, w0, words, scales, zeros, BITS, PACK,
+                                 SCALE, TOP)
+            if ROWS > 2:
+                acc2 = _gemv_row(acc2, packed, x_ptr, row0 + 2, M, stride_xm, w0, words, scales, zeros, BITS, PACK,
+                                 SCALE, TOP)
+                acc3 = _gemv_row(acc3, packed, x_ptr, row0 + 3, M, stride_xm, w0, words, scales, zeros, BITS, PACK,
+                                 SCALE, TOP)
 
     _gemv_store(acc0, row0, M, pid_k, offs_n, n_mask, bias_ptr, out_ptr, stride_om, HAS_BIAS, ATOMIC)
     if ROWS > 1:
@@ -171,6 +187,73 @@ def _gemv_row(acc, packed, x_ptr, row, M, stride_xm, w0, words, scales, zeros,
         part += x[:, None] * ones.to(tl.float32, bitcast=True)
         row_sums += x
     return acc + (SCALE * part - row_sums[:, None] * zeros[None, :]) * scales[None, :]
+
+
+# PAIRS (4-bit codes, bf16 activations, CUDA): two codes a 32-bit register. One word's eight codes
+# become four bf16x2 registers (codes s and s + 4 of the word, s = 0..3) with one shift and one
+# LOP3 each: a code OR'ed into bf16 128.0 reads 128 + c, exactly, and a packed FMA takes 128 + z off
+# (exact too: whole numbers below 256). So each register holds the pair (c - z) and nothing is
+# converted. Triton has no packed bf16 arithmetic, hence the PTX.
+_BF16_PAIRS = tl.constexpr("""{
+.reg .b32 s, one;
+mov.b32 one, 0x3F803F80;
+lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, $0, one, $5;
+shr.u32 s, $4, 4;
+lop3.b32 $1, s, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $1, $1, one, $5;
+shr.u32 s, $4, 8;
+lop3.b32 $2, s, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $2, $2, one, $5;
+shr.u32 s, $4, 12;
+lop3.b32 $3, s, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $3, $3, one, $5;
+}""")
+
+# The word's eight products with x in four packed FMAs, each half summing four in bf16, then the
+# two halves widened to float32 (a bf16 is a float32's top 16 bits) and added: one float32 a word.
+_BF16_PAIRS_DOT = tl.constexpr("""{
+.reg .b32 p, lo, hi, nz;
+mov.b32 nz, 0x80008000;
+fma.rn.bf16x2 p, $1, $5, nz;
+fma.rn.bf16x2 p, $2, $6, p;
+fma.rn.bf16x2 p, $3, $7, p;
+fma.rn.bf16x2 p, $4, $8, p;
+shl.b32 lo, p, 16;
+and.b32 hi, p, 0xFFFF0000;
+add.f32 $0, lo, hi;
+}""")
+
+
+@triton.jit
+def _bf16_pairs(packed, zeros):
+    """The four bf16x2 registers (c - z) of each word of `packed` [words, n]; zeros: bytes [n]."""
+    negative = (-(zeros.to(tl.float32) + 128.0)).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.inline_asm_elementwise(_BF16_PAIRS, "=r,=r,=r,=r,r,r", [packed, (negative | (negative << 16))[None, :]],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _pairs_row(acc, d0, d1, d2, d3, x_ptr, row, M, stride_xm, w0, words, scales):
+    """acc plus one row's products with the words' decoded pairs; a row past M adds 0. The products
+    of a word sum in bf16 (four a half), where the other path sums in float32: about bf16's own
+    rounding more (benchmarks/RESULTS.md has the error)."""
+    x_row = x_ptr + row * stride_xm + (w0 + words) * 8
+    in_rows = (words * 0 + row) < M
+    part = tl.inline_asm_elementwise(
+        _BF16_PAIRS_DOT, "=r,r,r,r,r,r,r,r,r",
+        [d0, d1, d2, d3, _x_pair(x_row, 0, in_rows)[:, None], _x_pair(x_row, 1, in_rows)[:, None],
+         _x_pair(x_row, 2, in_rows)[:, None], _x_pair(x_row, 3, in_rows)[:, None]],
+        dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+    return acc + part * scales[None, :]
+
+
+@triton.jit
+def _x_pair(x_row, s: tl.constexpr, in_rows):
+    """bf16x2 (x[8w + s], x[8w + s + 4]) for each word w, matching the pairs of _BF16_PAIRS."""
+    low = tl.load(x_row + s, mask=in_rows, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    high = tl.load(x_row + s + 4, mask=in_rows, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+    return low | (high << 16)
 
 
 @triton.jit

@@ -173,7 +173,7 @@ def _launch(config: KernelConfig, x: torch.Tensor, qweight: torch.Tensor, scales
         grid = (triton_cdiv(out_features, config.block_n), config.split_k, triton_cdiv(rows, config.block_m))
         splitk_gptq_gemv[grid](x, qweight, scales, zeros, bias_or_any, out, rows, out_features, in_features,
                                x.stride(0), out.stride(0), config.split_k, ROWS=config.block_m,
-                               BLOCK_WORDS=config.block_k * bits // 32, **common)
+                               BLOCK_WORDS=config.block_k * bits // 32, PAIRS=decodes_in_pairs(x, bits), **common)
     else:
         magic, base = MAGIC.get((x.dtype, bits), (0, 0.0))
         grid = (triton_cdiv(out_features, config.block_n), config.split_k, triton_cdiv(rows, config.block_m))
@@ -181,6 +181,13 @@ def _launch(config: KernelConfig, x: torch.Tensor, qweight: torch.Tensor, scales
                                  x.stride(0), out.stride(0), config.split_k, MAGIC=magic, MAGIC_BASE=base,
                                  BLOCK_M=config.block_m, BLOCK_K=config.block_k, **common)
     return out
+
+
+def decodes_in_pairs(x: torch.Tensor, bits: int) -> bool:
+    """Whether the GEMV decodes two codes a register in packed bf16 PTX (splitk_kernel.py): 4-bit
+    codes under bf16 on a GPU. Triton's interpreter runs no PTX, so the tests' CPU runs take the
+    float32 road, and the GPU tests check this one."""
+    return bits == 4 and x.dtype == torch.bfloat16 and x.is_cuda
 
 
 def triton_cdiv(a: int, b: int) -> int:

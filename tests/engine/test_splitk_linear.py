@@ -235,4 +235,7 @@ def test_on_the_gpu_the_layer_compiles_into_one_graph_and_replays() -> None:
         out = compiled(x)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    assert torch.allclose(out, packed(x) * 2, atol=1e-2, rtol=1e-2)
+    # Not elementwise: split-K shares add in whatever order they finish, each rounded to bf16, so two
+    # runs differ by a few of bf16's steps at the largest outputs.
+    want = packed(x).float() * 2
+    assert ((out.float() - want).abs().max() / want.abs().max()).item() < 0.02
