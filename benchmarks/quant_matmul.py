@@ -170,11 +170,10 @@ def precompile(rows_list: list[int], bits_list: list[int], workers: int) -> None
     print(f"sweep: {built} of {len(jobs)} kernels built by {workers} processes", flush=True)
 
 
-def sweep(rows_list: list[int], calls: int, replays: int, workers: int) -> dict:
+def sweep(rows_list: list[int], bits_list: list[int], calls: int, replays: int, workers: int) -> dict:
     """The split-K kernel's best launch per (bits, rows, shape), beside bf16 cuBLAS."""
     from engine.quant.splitk_linear import SplitKLinear, rows_bucket, splitk_matmul
 
-    bits_list = [4, 8]
     precompile(rows_list, bits_list, workers)
     best: list[dict] = []
     for name in STEP_SHAPES:
@@ -261,11 +260,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="tune the split-K kernel's launches (see above)")
     parser.add_argument("--write-tuned", type=Path, help="with --sweep: write the best launches there (the "
                         "server reads engine/quant/splitk_tuned.json)")
+    parser.add_argument("--bits", default="4,8", help="with --sweep: the bit widths to tune")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     args = parser.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.sweep:
-        found = sweep(rows_list, args.calls, args.replays, args.workers)
+        found = sweep(rows_list, [int(b) for b in args.bits.split(",")], args.calls, args.replays, args.workers)
         if args.write_tuned:  # merged into what the file holds: a sweep of some row counts keeps the others
             configs = [{k: r[k] for k in ("bits", "bucket", "in", "out", "config", "rows", "us")} for r in found["sweep"]]
             fresh = {(c["bits"], c["bucket"], c["in"], c["out"]) for c in configs}
