@@ -25,9 +25,12 @@ into the bits of bf16 128.0 (0x4300) is the bf16 number 128 + c, so the tile hol
 
 Shares of K add into the output with atomics, so the output must start at zero; one share
 (split_k = 1) stores it. A few rows split K into many shares so that every SM streams weights;
-many rows split it into few or none. The adds are in the output's dtype (bf16 or fp16 atomics on
-Hopper), so each share's sum is rounded once more: that costs accuracy (benchmarks/RESULTS.md has
-the error), where adding in a float32 buffer would cost a zeroing and a cast kernel more per layer.
+many rows split it into few or none. The output is float32 (splitk_linear.py's launcher): adding
+shares in bf16 rounded each share's sum once more, so the result was 3-4 times further from the
+dequantized weights than cuBLAS's, and the order the shares finished in moved it at bf16's
+precision; in float32 that order moves only float32's last bits. The layer casts the output to the
+activations' dtype, which torch.compile fuses into the elementwise kernel that reads it next
+(rotary, the residual add, SiLU).
 """
 
 from __future__ import annotations

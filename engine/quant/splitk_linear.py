@@ -116,9 +116,9 @@ def config_for(rows: int, in_features: int, out_features: int, bits: int, group_
 def splitk_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   bias: torch.Tensor | None, bits: int, group_size: int,
                   config: KernelConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, W given as the kernel module describes. `config`: the
-    launch, which must fit the GPU; without one, `config_for`'s, made smaller until it fits (see
-    `smaller`). Split-K shares add into the output in x's dtype."""
+    """x [M, K] @ W.T -> [M, N] in float32 (split-K shares add there), W given as the kernel module
+    describes. `config`: the launch, which must fit the GPU; without one, `config_for`'s, made smaller
+    until it fits (see `smaller`)."""
     rows, in_features = x.shape
     out_features = qweight.shape[1]
     if config is not None:
@@ -165,7 +165,7 @@ def _launch(config: KernelConfig, x: torch.Tensor, qweight: torch.Tensor, scales
     if group_size % config.block_k or in_features % group_size:
         raise ValueError(f"BLOCK_K {config.block_k} must divide the group size {group_size}, and it {in_features}")
     atomic = config.split_k > 1
-    out = (torch.zeros if atomic else torch.empty)(rows, out_features, device=x.device, dtype=x.dtype)
+    out = (torch.zeros if atomic else torch.empty)(rows, out_features, device=x.device, dtype=torch.float32)
     common = dict(BITS=bits, GROUP=group_size, HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_N=config.block_n,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     bias_or_any = bias if bias is not None else scales
@@ -202,7 +202,7 @@ def _splitk_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
 @_splitk_op.register_fake
 def _(x, qweight, scales, zeros, bias, bits, group_size):
-    return x.new_empty(x.shape[0], qweight.shape[1])
+    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
 
 
 def kernel_runs_on(x: torch.Tensor) -> bool:
@@ -255,7 +255,7 @@ class SplitKLinear(nn.Module):
             return nn.functional.linear(x, self.dequantized_t().to(x.dtype).t(), self.bias)
         out = _splitk_op(flat.contiguous(), self.qweight, self.scales, self.zeros, self.bias, self.bits,
                          self.group_size)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

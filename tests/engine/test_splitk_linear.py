@@ -180,7 +180,8 @@ for bits in (4, 8):
             x = torch.randn(rows, k).to(dtype)
             want = x.float() @ weights.dequantized().t() + weights.bias
             got = splitk_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.bias, bits, 64, config)
-            assert got.dtype == dtype and got.shape == (rows, n)
+            assert got.dtype == torch.float32 and got.shape == (rows, n)  # shares add in float32
+            assert layer(x).dtype == dtype  # the layer hands back the activations' dtype
             error = ((got.float() - want).abs().max() / want.abs().max()).item()
             worst = max(worst, error / (1e-2 if dtype == torch.float16 else 1e-5))
 print("worst", worst)
@@ -207,15 +208,24 @@ def test_on_the_gpu_the_kernel_matches_the_dequantized_weights(bits: int) -> Non
     weights = GptqWeights.from_module(layer)
     packed = SplitKLinear.from_weights(weights, torch.bfloat16, torch.device("cuda"))
     reference = weights.dequantized().cuda()
+    bias = weights.bias.cuda().float()
+
+    def error(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+    # Within bf16's rounding: two of its steps (2**-7) at the largest output. On the H200 this kernel
+    # errs by at most 0.44% here and cuBLAS on the bf16 weights by 0.36%; adding split-K shares in
+    # bf16, as the kernel once did, erred by 1-1.7%.
+    bound = 2 ** -7
     for rows in (1, 7, 16, 32, 64, 100, 600):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
-        want = x.float() @ reference.t() + weights.bias.cuda().float()
+        want = x.float() @ reference.t() + bias
         for config in (None, KernelConfig(16, 128, 128, 8, 4, 4), KernelConfig(64, 64, 64, 2, 8, 3),
                        KernelConfig(1, 256, 128, 4, 4, 3), KernelConfig(4, 128, 64, 8, 4, 2)):
             got = splitk_matmul(x, packed.qweight, packed.scales, packed.zeros, packed.bias, bits, 128, config)
-            assert ((got.float() - want).abs().max() / want.abs().max()).item() < 0.02, (rows, config)
-        got = packed(x)  # the kernel up to DEQUANTIZE_MIN_ROWS rows, cuBLAS on the dequantized weight from there
-        assert ((got.float() - want).abs().max() / want.abs().max()).item() < 0.02, rows
+            assert error(got, want) <= bound, (rows, config)
+        # The kernel up to DEQUANTIZE_MIN_ROWS rows, cuBLAS on the dequantized weight from there.
+        assert error(packed(x), want) <= bound, rows
 
 
 @cuda
@@ -235,7 +245,7 @@ def test_on_the_gpu_the_layer_compiles_into_one_graph_and_replays() -> None:
         out = compiled(x)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    # Not elementwise: split-K shares add in whatever order they finish, each rounded to bf16, so two
-    # runs differ by a few of bf16's steps at the largest outputs.
+    # Not elementwise: split-K shares add in whatever order they finish, which moves float32's last
+    # bits, and now and then that crosses a bf16 rounding boundary.
     want = packed(x).float() * 2
     assert ((out.float() - want).abs().max() / want.abs().max()).item() < 0.02
